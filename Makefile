@@ -1,0 +1,50 @@
+# terradapt: `make demo` (embedded, no services) and `make test` (real services + every test).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SERVICES := bash deploy/local/services.sh
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: install demo test test-unit lint services-install services-up services-down bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@rm -f $(VENV)/.installed-*; touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/terradapt demo
+
+## make test: install, provision + start the real services, run every test, stop the services
+test: install services-install
+	@$(SERVICES) up kafka minio prometheus; \
+	eval "$$($(SERVICES) env)"; status=0; \
+	$(PY) -m pytest $(PYTEST_ARGS) || status=$$?; \
+	$(SERVICES) down; exit $$status
+
+test-unit: install
+	$(PY) -m pytest -m "not services" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check terradapt stream serving adapters monitoring tests bench
+	$(VENV)/bin/ruff format --check terradapt stream serving adapters monitoring tests bench
+	$(VENV)/bin/mypy
+
+services-install:
+	$(SERVICES) install all
+
+services-up: services-install
+	$(SERVICES) up kafka minio prometheus
+
+services-down:
+	$(SERVICES) down
+
+bench: install
+	$(PY) bench/serving.py
+
+clean:
+	rm -rf .terradapt report .pytest_cache .mypy_cache .ruff_cache

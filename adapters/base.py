@@ -1,0 +1,71 @@
+"""The adapter contract and the registry of adaptation methods.
+
+An adapter owns a *copy* of the model it adapts (the source snapshot is kept for ``reset``), declares which
+parameters and buffers it changes, and turns a stream of target batches into an adapted model. Batches are raw
+tiles (N, C, H, W) float tensors; segmentation and classification differ only in the loss, which each method
+computes per pixel.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+
+from terradapt.model import UNet
+from terradapt.settings import StrictModel
+
+
+class AdapterConfig(StrictModel):
+    """Base of every method's own config."""
+
+    device: str = "auto"
+
+
+class Adapter(ABC):
+    """Configure the model, collect what to adapt, ``adapt`` on target batches, ``reset`` to source."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def __init__(self, model: UNet, config: AdapterConfig | None = None) -> None:
+        self.config = config or self.config_class()
+        self.source_state = copy.deepcopy(model.state_dict())
+        self.model = copy.deepcopy(model)
+        self.configure(self.model)
+
+    @abstractmethod
+    def configure(self, model: UNet) -> None:
+        """Put the model in the mode the method needs (which layers train, which use batch statistics)."""
+
+    @abstractmethod
+    def changed_names(self) -> set[str]:
+        """Names in ``state_dict()`` that this method may change (everything else must stay bit-identical)."""
+
+    @abstractmethod
+    def adapt_step(self, batch: torch.Tensor) -> None:
+        """Adapt on one batch of target tiles."""
+
+    def adapt(self, batches: Iterable[torch.Tensor]) -> UNet:
+        """Adapt on every batch in order and return the adapted model in eval mode."""
+        device = next(self.model.parameters()).device
+        for batch in batches:
+            self.adapt_step(batch.to(device))
+        self.model.eval()
+        return self.model
+
+    def reset(self) -> None:
+        """Back to the source weights exactly (the reset policy of long streams uses this)."""
+        self.model.load_state_dict(self.source_state)
+        self.configure(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Adapter state: the adapted model weights (method-specific state is added by subclasses)."""
+        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict`` output."""
+        self.model.load_state_dict(state["model"])

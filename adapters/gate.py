@@ -1,0 +1,122 @@
+"""Safety gate: a candidate version is deployed only if it passes label-free checks (and labelled ones if any).
+
+Checks, each with the reason recorded when it fails:
+
+* entropy collapse - the candidate's mean entropy fell far below the current model's: entropy minimisation can
+  drive a model to be confidently wrong, typically by predicting one class everywhere;
+* class collapse - one class covers almost the whole region while the current model spreads over several;
+* class-distribution jump - total variation between the candidate's and the current model's predicted class
+  shares exceeds a bound, unless the candidate moved *toward* the reference mix (the label-shift estimate, else
+  the source prior): when the current model has collapsed on a shifted region, a large jump is the repair;
+* agreement - the candidate disagrees with the current model on too many pixels (waived, like the jump, when
+  the candidate's class mix is closer to the reference than the current model's);
+* labelled mIoU - when labelled tiles exist, the candidate must not be worse than the current model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from pydantic import Field
+
+from terradapt.classes import IGNORE_INDEX
+from terradapt.metrics import confusion_matrix, miou
+from terradapt.model import UNet
+from terradapt.settings import StrictModel
+
+
+class GateConfig(StrictModel):
+    """Thresholds of the safety gate."""
+
+    min_entropy_ratio: float = Field(default=0.35, ge=0.0, le=1.0)
+    max_class_share: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_class_tv: float = Field(default=0.25, ge=0.0, le=1.0)
+    min_agreement: float = Field(default=0.6, ge=0.0, le=1.0)
+    max_miou_drop: float = Field(default=0.005, ge=0.0, description="allowed labelled mIoU loss (fraction)")
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Decision of the gate with its reasons and measurements."""
+
+    accepted: bool
+    reasons: tuple[str, ...]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _predict(model: UNet, tiles: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class maps and per-tile mean entropies."""
+    model.eval()
+    maps, ents = [], []
+    for i in range(0, tiles.shape[0], batch):
+        logits = model(tiles[i : i + batch])
+        p = logits.softmax(dim=1)
+        ents.append(-(p * p.clamp_min(1e-8).log()).sum(dim=1).mean(dim=(1, 2)))
+        maps.append(logits.argmax(dim=1))
+    return torch.cat(maps), torch.cat(ents)
+
+
+def _shares(maps: torch.Tensor, k: int) -> npt.NDArray[np.float64]:
+    counts = torch.bincount(maps.flatten(), minlength=k).double()
+    return (counts / counts.sum()).cpu().numpy()
+
+
+class Gate:
+    """Label-free and labelled checks of a candidate against the current model."""
+
+    def __init__(self, config: GateConfig | None = None) -> None:
+        self.config = config or GateConfig()
+
+    def check(
+        self,
+        candidate: UNet,
+        current: UNet,
+        tiles: torch.Tensor,
+        masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
+        reference: Sequence[float] | None = None,
+    ) -> GateResult:
+        """Compare candidate and current model on the region's recent tiles (N, C, H, W)."""
+        cfg = self.config
+        k = candidate.config.num_classes
+        cand_maps, cand_ent = _predict(candidate, tiles)
+        cur_maps, cur_ent = _predict(current, tiles)
+        cand_shares, cur_shares = _shares(cand_maps, k), _shares(cur_maps, k)
+        m: dict[str, float] = {
+            "entropy_candidate": float(cand_ent.mean()),
+            "entropy_current": float(cur_ent.mean()),
+            "agreement": float((cand_maps == cur_maps).double().mean()),
+            "class_tv": float(0.5 * np.abs(cand_shares - cur_shares).sum()),
+            "max_class_share": float(cand_shares.max()),
+        }
+        reasons: list[str] = []
+        if m["entropy_candidate"] < cfg.min_entropy_ratio * m["entropy_current"]:
+            reasons.append(
+                f"entropy collapse: {m['entropy_candidate']:.3f} < {cfg.min_entropy_ratio} x {m['entropy_current']:.3f}"
+            )
+        if m["max_class_share"] > cfg.max_class_share and cur_shares.max() <= cfg.max_class_share:
+            reasons.append(f"class collapse: one class covers {m['max_class_share']:.0%} of pixels")
+        toward_reference = False
+        if reference is not None and len(reference) == k:
+            target = np.asarray(reference, dtype=np.float64)
+            m["tv_candidate_to_reference"] = float(0.5 * np.abs(cand_shares - target).sum())
+            m["tv_current_to_reference"] = float(0.5 * np.abs(cur_shares - target).sum())
+            toward_reference = m["tv_candidate_to_reference"] < m["tv_current_to_reference"]
+        # a big change is a repair, not a risk, when it brings the class mix toward the reference mix
+        if m["class_tv"] > cfg.max_class_tv and not toward_reference:
+            reasons.append(f"class distribution jump: TV {m['class_tv']:.3f} > {cfg.max_class_tv}")
+        if m["agreement"] < cfg.min_agreement and not toward_reference:
+            reasons.append(f"low agreement with current model: {m['agreement']:.2f} < {cfg.min_agreement}")
+        labelled = [(i, mk) for i, mk in enumerate(masks or []) if mk is not None]
+        if labelled:
+            idx = [i for i, _ in labelled]
+            truth = np.stack([mk for _, mk in labelled])
+            m["miou_candidate"] = miou(confusion_matrix(cand_maps[idx].cpu().numpy(), truth, k, IGNORE_INDEX))
+            m["miou_current"] = miou(confusion_matrix(cur_maps[idx].cpu().numpy(), truth, k, IGNORE_INDEX))
+            if m["miou_candidate"] < m["miou_current"] - cfg.max_miou_drop:
+                reasons.append(f"labelled mIoU drop: {m['miou_candidate']:.3f} < {m['miou_current']:.3f}")
+        return GateResult(accepted=not reasons, reasons=tuple(reasons), metrics=m)

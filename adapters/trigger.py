@@ -1,0 +1,72 @@
+"""When a drift alarm becomes an adaptation job: covariate shift only, per-region cooldown and budget.
+
+Why not adapt on every alarm: under pure label shift (only the predicted class mix moved), re-estimating
+normalisation statistics pulls predictions back toward the source class mix and costs 13-20 mIoU
+(shared/FINDINGS.md). Cooldown stops a region from being adapted again before its new version has seen data;
+the budget caps versions per region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from terradapt.settings import StrictModel
+
+
+class TriggerConfig(StrictModel):
+    """Trigger policy."""
+
+    min_tiles: int = Field(default=8, ge=1, description="recent tiles needed before a job is issued")
+    cooldown_tiles: int = Field(default=50, ge=0, description="tiles of the region between two jobs")
+    max_versions: int = Field(default=5, ge=1, description="adapted versions per region")
+    adapt_on_label_shift: bool = False
+
+
+@dataclass(frozen=True)
+class TriggerDecision:
+    """Whether to adapt now, and why (kept in logs and drift events)."""
+
+    adapt: bool
+    reason: str
+
+
+class Trigger:
+    """Per-region decision state: tiles since the last job, jobs issued."""
+
+    def __init__(self, config: TriggerConfig | None = None) -> None:
+        self.config = config or TriggerConfig()
+        self._since_job: dict[str, int] = {}
+        self._jobs: dict[str, int] = {}
+
+    def observe(self, region: str) -> None:
+        """Count one more tile of the region."""
+        self._since_job[region] = self._since_job.get(region, 10**9) + 1
+
+    def decide(self, region: str, *, drifted: bool, covariate: bool, buffered: int) -> TriggerDecision:
+        """Decide for a region whose monitor just updated."""
+        cfg = self.config
+        if not drifted:
+            return TriggerDecision(False, "no drift")
+        if not covariate and not cfg.adapt_on_label_shift:
+            return TriggerDecision(False, "label shift only: adaptation would pull predictions to the source mix")
+        if buffered < cfg.min_tiles:
+            return TriggerDecision(False, f"waiting for tiles: {buffered}/{cfg.min_tiles}")
+        if self._since_job.get(region, 10**9) < cfg.cooldown_tiles:
+            return TriggerDecision(False, "cooldown")
+        if self._jobs.get(region, 0) >= cfg.max_versions:
+            return TriggerDecision(False, f"budget spent: {cfg.max_versions} versions")
+        self._since_job[region] = 0
+        self._jobs[region] = self._jobs.get(region, 0) + 1
+        return TriggerDecision(True, "covariate drift")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serialisable state."""
+        return {"since_job": dict(self._since_job), "jobs": dict(self._jobs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict`` output."""
+        self._since_job = {k: int(v) for k, v in state["since_job"].items()}
+        self._jobs = {k: int(v) for k, v in state["jobs"].items()}

@@ -1,0 +1,208 @@
+"""Drift detectors behind one contract, and their registry.
+
+A detector consumes one feature vector per tile (``update``), exposes a read-only ``score`` and
+``drift_detected``, and keeps bounded state that survives restarts through ``state_dict``/``load_state_dict``
+(the faust table of the stream worker stores exactly that dict).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field
+
+from terradapt.errors import UnknownNameError
+from terradapt.settings import StrictModel
+
+Vector = npt.NDArray[np.float64]
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """The detector contract (river's ``DriftDetector`` shape, with calibration and serialisable state)."""
+
+    @property
+    def drift_detected(self) -> bool:
+        """Whether the calibrated test has fired (latched until ``reset``)."""
+        ...
+
+    @property
+    def score(self) -> float:
+        """Current test statistic (comparable with ``threshold``)."""
+        ...
+
+    @property
+    def threshold(self) -> float:
+        """Calibrated decision threshold."""
+        ...
+
+    def calibrate(self, fit: Vector, held_out: Vector, rng: np.random.Generator) -> None:
+        """Fit the source reference on ``fit`` and set the threshold from ``held_out`` source vectors."""
+        ...
+
+    def rebaseline(self, vectors: Vector) -> None:
+        """Accept ``vectors`` as the stream's new normal (after an adaptation), keeping the calibration."""
+        ...
+
+    def update(self, x: Vector) -> None:
+        """Consume one tile's feature vector."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the stream (the calibration stays)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (calibration + stream window)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by ``state_dict``."""
+        ...
+
+
+class MeanShiftConfig(StrictModel):
+    """Config of the windowed mean-shift test."""
+
+    window: int = Field(default=8, ge=1, description="tiles per test window")
+    ert: int = Field(default=1000, ge=10, description="expected run time without drift, in tiles")
+    max_components: int = Field(default=8, ge=1, description="principal components kept after whitening")
+    bootstrap: int = Field(default=40_000, ge=1000, description="source windows drawn to set the threshold")
+    shrinkage: float = Field(default=0.1, ge=0.0, le=1.0, description="covariance shrinkage toward diagonal")
+
+
+class MeanShiftDetector:
+    """Windowed Hotelling-style test of the mean of whitened features against the source reference.
+
+    Why this shape: domain shift in aerial imagery moves feature *means* (gain, haze, season), and a window mean
+    of ``w`` tiles cuts the per-tile noise by sqrt(w), so a shift of ~1 source standard deviation is found in
+    about one window. The features are whitened with a shrunk source covariance (reduced to the top principal
+    components, because correlated features such as class shares are rank-deficient), so the statistic
+    ``w * ||mean z||^2 / k`` is ~1 on source data. Its threshold is the (1 - 1/ERT) quantile of the same
+    statistic over windows resampled from *held-out* source tiles, i.e. calibrated for the stated expected
+    run time between false alarms rather than assumed chi-square.
+    """
+
+    name = "mean-shift"
+
+    def __init__(self, config: MeanShiftConfig | None = None) -> None:
+        self.config = config or MeanShiftConfig()
+        self._mean: Vector = np.zeros(0)
+        self._proj: Vector = np.zeros((0, 0))
+        self._threshold = float("inf")
+        self._window: deque[list[float]] = deque(maxlen=self.config.window)
+        self._score = 0.0
+        self._detected = False
+        self._seen = 0
+
+    @property
+    def drift_detected(self) -> bool:
+        return self._detected
+
+    @property
+    def score(self) -> float:
+        return self._score
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether ``calibrate`` (or a loaded state) set a reference."""
+        return self._proj.size > 0
+
+    def _whiten(self, x: Vector) -> Vector:
+        return np.asarray((np.atleast_2d(x) - self._mean) @ self._proj, dtype=np.float64)
+
+    def _window_stat(self, z: Vector) -> Vector:
+        """Statistic of windows: z has shape (..., w, k)."""
+        w, k = z.shape[-2], z.shape[-1]
+        return np.asarray(w * np.square(z.mean(axis=-2)).sum(axis=-1) / k, dtype=np.float64)
+
+    def calibrate(self, fit: Vector, held_out: Vector, rng: np.random.Generator) -> None:
+        fit = np.atleast_2d(np.asarray(fit, dtype=np.float64))
+        held_out = np.atleast_2d(np.asarray(held_out, dtype=np.float64))
+        self._mean = fit.mean(axis=0)
+        cov = np.cov(fit, rowvar=False) if fit.shape[0] > 1 else np.eye(fit.shape[1])
+        cov = np.atleast_2d(cov)
+        diag = np.diag(np.diag(cov)) + 1e-9 * np.eye(cov.shape[0])
+        cov = (1 - self.config.shrinkage) * cov + self.config.shrinkage * diag
+        vals, vecs = np.linalg.eigh(cov)
+        order = np.argsort(vals)[::-1][: self.config.max_components]
+        vals = np.maximum(vals[order], 1e-9 * max(vals.max(), 1e-12))
+        self._proj = np.ascontiguousarray(vecs[:, order] / np.sqrt(vals))
+        z = self._whiten(held_out)
+        idx = rng.integers(0, z.shape[0], size=(self.config.bootstrap, self.config.window))
+        stats = self._window_stat(z[idx])
+        self._threshold = float(np.quantile(stats, 1.0 - 1.0 / self.config.ert))
+        self.reset()
+
+    def rebaseline(self, vectors: Vector) -> None:
+        """Re-centre the reference on ``vectors`` (the region's new normal after an adaptation)."""
+        self._mean = np.atleast_2d(np.asarray(vectors, dtype=np.float64)).mean(axis=0)
+        self.reset()
+
+    def update(self, x: Vector) -> None:
+        self._seen += 1
+        self._window.append(self._whiten(np.asarray(x, dtype=np.float64))[0].tolist())
+        if len(self._window) < self._window.maxlen:  # type: ignore[operator]
+            return
+        self._score = float(self._window_stat(np.asarray(self._window)))
+        if self._score > self._threshold:
+            self._detected = True
+
+    def reset(self) -> None:
+        self._window.clear()
+        self._score = 0.0
+        self._detected = False
+        self._seen = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "config": self.config.model_dump(),
+            "mean": self._mean.tolist(),
+            "proj": self._proj.tolist(),
+            "threshold": self._threshold,
+            "window": list(self._window),
+            "score": self._score,
+            "detected": self._detected,
+            "seen": self._seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.config = MeanShiftConfig.model_validate(state["config"])
+        self._mean = np.asarray(state["mean"], dtype=np.float64)
+        self._proj = np.asarray(state["proj"], dtype=np.float64)
+        self._threshold = float(state["threshold"])
+        self._window = deque((list(map(float, v)) for v in state["window"]), maxlen=self.config.window)
+        self._score = float(state["score"])
+        self._detected = bool(state["detected"])
+        self._seen = int(state["seen"])
+
+
+def _mean_shift(config: dict[str, Any]) -> Detector:
+    return MeanShiftDetector(MeanShiftConfig.model_validate(config))
+
+
+#: name -> factory taking the detector's own config dict; filled explicitly, never by import side effects.
+_DETECTORS: dict[str, Callable[[dict[str, Any]], Detector]] = {MeanShiftDetector.name: _mean_shift}
+
+
+def available_detectors() -> list[str]:
+    """Names of the registered detectors (feeds config validation and the CLI)."""
+    return sorted(_DETECTORS)
+
+
+def create_detector(name: str, config: dict[str, Any] | None = None) -> Detector:
+    """Build a registered detector by name; unknown names list the valid ones."""
+    try:
+        factory = _DETECTORS[name]
+    except KeyError:
+        raise UnknownNameError("detector", name, available_detectors()) from None
+    return factory(config or {})

@@ -1,0 +1,158 @@
+"""Per-region monitor: one calibrated detector per signal, combined, reporting which signal fired.
+
+Signals: class-conditional radiometry (the same classes look different: *covariate* shift), deep features and
+BatchNorm statistics (the network sees something different: either kind), predictions (class mix and confidence:
+often *label* shift). Only the first is blind to the class mix, and that split is what decides whether to adapt:
+re-estimating normalisation statistics under pure label shift pulls predictions back toward the source class mix
+and costs mIoU (shared/FINDINGS.md), so an alarm without a radiometry signal is reported, not adapted on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field
+
+from monitoring.detectors import Detector, create_detector
+from monitoring.features import TileFeatures
+from terradapt.settings import StrictModel
+
+Vector = npt.NDArray[np.float64]
+
+
+def _radiometry(f: TileFeatures) -> Vector:
+    return np.concatenate([f.residual_mean, f.residual_std])
+
+
+def _deep(f: TileFeatures) -> Vector:
+    return f.deep
+
+
+def _batchnorm(f: TileFeatures) -> Vector:
+    return np.array([f.bn_mean_shift, f.bn_var_ratio])
+
+
+def _prediction(f: TileFeatures) -> Vector:
+    return np.concatenate([f.class_shares, [f.mean_entropy, f.mean_confidence]])
+
+
+#: signal name -> (feature extractor, whether it isolates covariate shift). Only class-conditional radiometry
+#: is blind to the class mix; deep features, BatchNorm statistics and predictions move under label shift too.
+SIGNALS: dict[str, tuple[Callable[[TileFeatures], Vector], bool]] = {
+    "radiometry": (_radiometry, True),
+    "deep": (_deep, False),
+    "batchnorm": (_batchnorm, False),
+    "prediction": (_prediction, False),
+}
+COVARIATE_SIGNALS = tuple(name for name, (_, covariate) in SIGNALS.items() if covariate)
+
+
+class MonitorConfig(StrictModel):
+    """Config of the per-region monitor."""
+
+    detector: str = "mean-shift"
+    detector_config: dict[str, Any] = Field(default_factory=dict)
+    signals: tuple[str, ...] = tuple(SIGNALS)
+    ert: int = Field(default=1000, ge=10, description="expected run time without any alarm, all signals")
+
+
+@dataclass(frozen=True)
+class MonitorUpdate:
+    """What one tile did to the region's monitor."""
+
+    scores: dict[str, float]
+    thresholds: dict[str, float]
+    fired: tuple[str, ...]
+    newly_detected: bool
+
+    @property
+    def covariate_shift(self) -> bool:
+        """Whether a covariate signal fired (adaptation may help)."""
+        return any(s in COVARIATE_SIGNALS for s in self.fired)
+
+    @property
+    def max_ratio(self) -> float:
+        """Largest score/threshold over signals (1.0 = at threshold)."""
+        return max((self.scores[s] / self.thresholds[s] for s in self.scores if self.thresholds[s] > 0), default=0)
+
+
+class RegionMonitor:
+    """The combined monitor of one region.
+
+    The expected run time is split evenly over signals (Bonferroni on the per-tile alarm rate), so the monitor
+    as a whole keeps the configured ERT on source-like data.
+    """
+
+    def __init__(self, config: MonitorConfig | None = None) -> None:
+        self.config = config or MonitorConfig()
+        per_signal = dict(self.config.detector_config)
+        per_signal["ert"] = self.config.ert * len(self.config.signals)
+        self.detectors: dict[str, Detector] = {
+            s: create_detector(self.config.detector, per_signal) for s in self.config.signals
+        }
+        self.tiles_seen = 0
+        self.detected_at: int | None = None
+
+    def calibrate(self, fit: Sequence[TileFeatures], held_out: Sequence[TileFeatures], seed: int = 0) -> None:
+        """Calibrate every signal on source tiles (features computed by the source model)."""
+        rng = np.random.default_rng(seed)
+        for name, det in self.detectors.items():
+            extract = SIGNALS[name][0]
+            det.calibrate(np.stack([extract(f) for f in fit]), np.stack([extract(f) for f in held_out]), rng)
+        self.reset()
+
+    def update(self, features: TileFeatures) -> MonitorUpdate:
+        """Feed one tile; report scores and whether the region newly crossed into drift."""
+        self.tiles_seen += 1
+        was = self.drift_detected
+        for name, det in self.detectors.items():
+            det.update(SIGNALS[name][0](features))
+        fired = tuple(n for n, d in self.detectors.items() if d.drift_detected)
+        newly = bool(fired) and not was
+        if newly:
+            self.detected_at = self.tiles_seen
+        return MonitorUpdate(
+            scores={n: d.score for n, d in self.detectors.items()},
+            thresholds={n: d.threshold for n, d in self.detectors.items()},
+            fired=fired,
+            newly_detected=newly,
+        )
+
+    @property
+    def drift_detected(self) -> bool:
+        """Whether any signal has fired."""
+        return any(d.drift_detected for d in self.detectors.values())
+
+    def rebaseline(self, features: Sequence[TileFeatures]) -> None:
+        """After an adaptation: the region's recent tiles, seen by the new model, are the new normal."""
+        for name, det in self.detectors.items():
+            det.rebaseline(np.stack([SIGNALS[name][0](f) for f in features]))
+        self.detected_at = None
+
+    def reset(self) -> None:
+        """Forget the stream, keep calibration."""
+        for det in self.detectors.values():
+            det.reset()
+        self.tiles_seen = 0
+        self.detected_at = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state (what the faust table stores per region)."""
+        return {
+            "config": self.config.model_dump(),
+            "tiles_seen": self.tiles_seen,
+            "detected_at": self.detected_at,
+            "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict`` output."""
+        self.__init__(MonitorConfig.model_validate(state["config"]))  # type: ignore[misc]
+        self.tiles_seen = int(state["tiles_seen"])
+        self.detected_at = state["detected_at"]
+        for n, s in state["detectors"].items():
+            self.detectors[n].load_state_dict(s)

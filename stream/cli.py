@@ -1,0 +1,273 @@
+"""The ``terradapt`` command line (typer). Every command builds its dependencies from typed settings."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, help="terradapt: keep land-cover models accurate as they meet new regions.")
+console = Console()
+
+
+def _load_demo_config(config: Path | None, dataset: str | None, quick: bool) -> object:
+    from stream.demo import DemoConfig
+    from terradapt.settings import read_toml
+
+    data = read_toml(config) if config else {}
+    if dataset:
+        data["dataset"] = dataset
+    if quick:
+        data.update(
+            {
+                "train_tiles": 12,
+                "calibration_tiles": 24,
+                "stream_tiles": 24,
+                "eval_tiles": 4,
+                "train_steps": 120,
+                "tile_size": 128,
+            }
+        )
+    return DemoConfig.model_validate(data)
+
+
+@app.command()
+def demo(
+    dataset: Annotated[
+        str, typer.Option(help="synthetic (FLAIR-format departements) or dubai (real areas)")
+    ] = "synthetic",
+    config: Annotated[Path | None, typer.Option(help="TOML file with DemoConfig keys")] = None,
+    quick: Annotated[bool, typer.Option(help="tiny configuration (tests, smoke runs)")] = False,
+) -> None:
+    """Run the whole loop on embedded defaults: stream, detect drift, adapt, gate, deploy, report."""
+    import torch
+
+    from stream.demo import DemoConfig, run_demo
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = _load_demo_config(config, dataset, quick)
+    assert isinstance(cfg, DemoConfig)
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        train_task = progress.add_task("training source model", total=cfg.train_steps, info="", visible=False)
+        stream_task = progress.add_task("streaming", total=None, info="", visible=False)
+
+        def on_train(step: int, loss: float) -> None:
+            progress.update(train_task, completed=step, info=f"loss {loss:.3f}", visible=True)
+
+        def on_tile(log: object) -> None:
+            from stream.embedded import TileLog
+
+            if isinstance(log, TileLog):
+                flag = f" drift:{','.join(log.fired)}" if log.fired else ""
+                progress.update(
+                    stream_task,
+                    advance=1,
+                    visible=True,
+                    info=f"{log.region} tile {log.index} model v{log.version}{flag}",
+                )
+
+        def on_stage(name: str) -> None:
+            progress.console.log(name)
+
+        result = run_demo(cfg, on_train=on_train, on_tile=on_tile, on_stage=on_stage)
+    table = Table(title="terradapt demo: per-region results")
+    for col in (
+        "region",
+        "shift",
+        "tiles",
+        "drift at tile",
+        "signal",
+        "model",
+        "gate",
+        "mIoU source",
+        "mIoU region",
+    ):
+        table.add_column(col)
+    for r in result.rows:
+        table.add_row(
+            r.region,
+            r.shift,
+            str(r.tiles),
+            str(r.drift_at) if r.drift_at else "no",
+            r.signal,
+            f"v{r.version}",
+            r.gate,
+            f"{100 * (r.miou_source or 0):.1f}",
+            f"{100 * (r.miou_current or 0):.1f}",
+        )
+    console.print(table)
+    console.print(
+        f"source model {'loaded from cache' if result.cached_model else 'trained'}; "
+        f"dead letters: {len(result.run.dead_letters)}; report: {result.report}"
+    )
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Argument(help="root folder of the FLAIR-layout dataset to write")],
+    regions: Annotated[str, typer.Option(help="comma-separated departement codes")] = "D033,D040,D013,D067,D029",
+    tiles: Annotated[int, typer.Option(help="tiles per region")] = 20,
+    size: Annotated[int, typer.Option(help="tile size in pixels (FLAIR: 512)")] = 512,
+    seed: int = 0,
+) -> None:
+    """Write synthetic FLAIR-format tiles (5-band uint8 GeoTIFF, EPSG:2154, FLAIR layout)."""
+    from terradapt.datasets.synthetic import write_flair_dataset
+
+    paths = write_flair_dataset(out, {r: tiles for r in regions.split(",")}, size=size, seed=seed)
+    console.print(f"wrote {len(paths)} files under {out}")
+
+
+def _flair_samples(root: Path, regions: list[str] | None) -> tuple[object, list[object]]:
+    from terradapt.datasets.flair import FlairDataset
+
+    ds = FlairDataset(root)
+    wanted = regions or ds.regions()
+    return ds, [ds.load(r, t) for r in wanted for t in ds.tile_ids(r)]
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="FLAIR-layout root (real FLAIR or `terradapt generate` output)")],
+    out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path(".terradapt/source"),
+    regions: Annotated[str | None, typer.Option(help="comma-separated source regions (default: all)")] = None,
+    steps: int = 300,
+    base_channels: int = 16,
+    seed: int = 0,
+) -> None:
+    """Train a source model on FLAIR-layout data; writes weights.safetensors + manifest.json."""
+    from terradapt.checkpoint import save_checkpoint
+    from terradapt.datasets.base import Sample
+    from terradapt.model import UNetConfig
+    from terradapt.training import TrainConfig, train_source_checkpoint
+
+    ds, samples = _flair_samples(data, regions.split(",") if regions else None)
+    labelled = [s for s in samples if isinstance(s, Sample) and s.mask is not None]
+    if not labelled:
+        raise typer.BadParameter(f"no labelled tiles under {data}")
+    classes = getattr(ds, "classes")  # noqa: B009
+    bands = getattr(ds, "band_names")  # noqa: B009
+    mcfg = UNetConfig(in_channels=len(bands), num_classes=len(classes), base_channels=base_channels)
+    with Progress(console=console) as progress:
+        task = progress.add_task("training", total=steps)
+        model, manifest = train_source_checkpoint(
+            [s.image for s in labelled],
+            [s.mask for s in labelled if s.mask is not None],
+            mcfg,
+            TrainConfig(steps=steps, seed=seed),
+            classes=classes,
+            bands=bands,
+            regions=tuple(sorted({s.region for s in labelled})),
+            progress=lambda step, loss: progress.update(task, completed=step),
+        )
+    saved = save_checkpoint(out, model, manifest)
+    console.print(f"saved {out} (sha256 {saved.sha256[:12]}...)")
+
+
+@app.command()
+def evaluate(
+    data: Annotated[Path, typer.Argument(help="FLAIR-layout root with masks")],
+    model_dir: Annotated[Path, typer.Option("--model", help="checkpoint folder")] = Path(".terradapt/source"),
+    regions: Annotated[str | None, typer.Option(help="comma-separated regions (default: all)")] = None,
+) -> None:
+    """Print per-class IoU and mIoU per region."""
+    from terradapt.checkpoint import load_checkpoint
+    from terradapt.datasets.base import Sample
+    from terradapt.training import evaluate as run_eval
+
+    model, manifest = load_checkpoint(model_dir)
+    _, samples = _flair_samples(data, regions.split(",") if regions else None)
+    table = Table(title=f"evaluation of {model_dir}")
+    table.add_column("region")
+    for c in manifest.classes:
+        table.add_column(c[:10])
+    table.add_column("mIoU")
+    by_region: dict[str, list[Sample]] = {}
+    for s in samples:
+        if isinstance(s, Sample) and s.mask is not None:
+            by_region.setdefault(s.region, []).append(s)
+    for region, group in sorted(by_region.items()):
+        ev = run_eval(model, [s.image for s in group], [s.mask for s in group if s.mask is not None])
+        cells = ["-" if v != v else f"{100 * v:.1f}" for v in ev.iou]
+        table.add_row(region, *cells, f"{100 * ev.miou:.1f}")
+    console.print(table)
+
+
+@app.command()
+def adapt(
+    data: Annotated[Path, typer.Argument(help="FLAIR-layout root holding the target region's tiles")],
+    region: Annotated[str, typer.Option(help="target region code, e.g. D013")],
+    model_dir: Annotated[Path, typer.Option("--model", help="source checkpoint folder")] = Path(".terradapt/source"),
+    method: Annotated[str, typer.Option(help="adaptation method")] = "bn",
+    out: Annotated[Path | None, typer.Option(help="where to write the adapted checkpoint")] = None,
+) -> None:
+    """Adapt a checkpoint to one region's tiles with a registered method, gate it, and save it."""
+    from adapters.buffer import BufferedTile
+    from adapters.job import AdaptationConfig, run_adaptation
+    from terradapt.checkpoint import ModelManifest, load_checkpoint
+    from terradapt.datasets.base import Sample
+    from terradapt.records import AdaptationJob, DriftEvent
+
+    cfg = AdaptationConfig(method=method)
+    model, manifest = load_checkpoint(model_dir)
+    _, samples = _flair_samples(data, [region])
+    tiles = [BufferedTile(s.tile_id, s.image) for s in samples if isinstance(s, Sample)]
+    trigger = DriftEvent(
+        region=region,
+        acquisition_id="manual",
+        tiles_seen=len(tiles),
+        signal="manual",
+        score=0.0,
+        threshold=0.0,
+    )
+    job = AdaptationJob(
+        job_id=f"manual-{region}-{method}",
+        region=region,
+        base_version=manifest.version,
+        method=method,
+        tile_ids=tuple(t.acquisition_id for t in tiles),
+        trigger=trigger,
+    )
+    outcome = run_adaptation(job, model, manifest, tiles, cfg)
+    verdict = "accepted" if outcome.gate.accepted else "REJECTED: " + "; ".join(outcome.gate.reasons)
+    console.print(f"gate: {verdict}")
+    console.print(json.dumps(outcome.gate.metrics, indent=2))
+    target = out or model_dir.parent / f"{region}-{method}"
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "weights.safetensors").write_bytes(outcome.weights)
+    (target / "manifest.json").write_text(ModelManifest.model_dump_json(outcome.manifest, indent=2))
+    console.print(f"saved {target}")
+
+
+@app.command()
+def info() -> None:
+    """Versions, device, registered methods and detectors."""
+    import torch
+
+    from adapters.registry import available_adapters
+    from monitoring.detectors import available_detectors
+    from terradapt import __version__
+
+    console.print(
+        f"terradapt {__version__}; python {sys.version.split()[0]}; torch {torch.__version__}; "
+        f"cuda available: {torch.cuda.is_available()}"
+    )
+    console.print(f"adaptation methods: {', '.join(available_adapters())}")
+    console.print(f"drift detectors: {', '.join(available_detectors())}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

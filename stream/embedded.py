@@ -1,0 +1,145 @@
+"""Embedded runner: the whole loop in one process with in-memory state, no services.
+
+Acquisitions are fed in order; each goes through the shared pipeline. An adaptation job runs right away (there is
+no event loop to block here), and an accepted version is rolled out for its region only. Labels, when the dataset
+has them, are joined after prediction to measure per-region, per-version accuracy (the delayed-label path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from adapters.buffer import BufferedTile, TileBuffer
+from adapters.trigger import Trigger, TriggerConfig
+from monitoring.monitor import RegionMonitor
+from stream.pipeline import Adapted, Pipeline
+from terradapt.classes import IGNORE_INDEX
+from terradapt.errors import TerradaptError
+from terradapt.metrics import confusion_matrix, miou
+from terradapt.records import Acquisition, DeadLetter, DriftEvent, RolloutEvent
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    """One acquisition with its encoded GeoTIFF and, optionally, its (delayed) label."""
+
+    acquisition: Acquisition
+    data: bytes
+    mask: npt.NDArray[np.uint8] | None = None
+
+
+@dataclass
+class TileLog:
+    """What happened to one tile (for the table and the plots)."""
+
+    region: str
+    index: int
+    acquisition_id: str
+    version: int
+    score_ratio: float
+    scores: dict[str, float]
+    thresholds: dict[str, float]
+    fired: tuple[str, ...]
+
+
+@dataclass
+class RunResult:
+    """Everything the embedded run produced."""
+
+    tiles: list[TileLog] = field(default_factory=list)
+    drift_events: list[DriftEvent] = field(default_factory=list)
+    adaptations: list[Adapted] = field(default_factory=list)
+    rollouts: list[RolloutEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    confusion: dict[tuple[str, int], npt.NDArray[np.int64]] = field(default_factory=dict)
+    first_detection: dict[str, int] = field(default_factory=dict)
+
+    def region_miou(self, region: str, version: int) -> float | None:
+        """MIoU of a version on the region's labelled tiles it predicted (None if it predicted none)."""
+        cm = self.confusion.get((region, version))
+        return None if cm is None else miou(cm)
+
+
+class EmbeddedRunner:
+    """Plain in-process loop over the shared pipeline."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        trigger: TriggerConfig | None = None,
+        buffer_capacity: int = 16,
+        labels_in_gate: bool = False,
+        on_tile: Callable[[TileLog], None] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.trigger = Trigger(trigger)
+        self.buffer = TileBuffer(buffer_capacity)
+        self.monitors: dict[str, RegionMonitor] = {}
+        self.labels_in_gate = labels_in_gate
+        self.on_tile = on_tile
+        self.result = RunResult()
+        self._counts: dict[str, int] = {}
+
+    def monitor(self, region: str) -> RegionMonitor:
+        """The region's monitor, created calibrated on first use."""
+        if region not in self.monitors:
+            self.monitors[region] = self.pipeline.new_monitor()
+        return self.monitors[region]
+
+    def run(self, items: Iterable[StreamItem]) -> RunResult:
+        """Process every item; bad input becomes a dead letter and the loop goes on."""
+        for item in items:
+            self.step(item)
+        return self.result
+
+    def step(self, item: StreamItem) -> None:
+        """One acquisition through every stage."""
+        acq = item.acquisition
+        try:
+            raster = self.pipeline.read(acq, item.data)
+        except TerradaptError as exc:
+            self.result.dead_letters.append(
+                DeadLetter(topic="acquisitions", reason=exc.reason, error=str(exc), payload=acq.to_json().decode())
+            )
+            return
+        predicted = self.pipeline.predict(acq, raster)
+        version = predicted.prediction.model_version
+        if item.mask is not None:
+            k = predicted.output.features.class_shares.shape[0]
+            cm = confusion_matrix(predicted.output.class_map, item.mask, k, IGNORE_INDEX)
+            key = (acq.region, version)
+            self.result.confusion[key] = self.result.confusion.get(key, np.zeros((k, k), np.int64)) + cm
+        tile = BufferedTile(acq.id, raster.data.astype(np.uint8), item.mask if self.labels_in_gate else None)
+        self.buffer.add(acq.region, tile)
+        monitor = self.monitor(acq.region)
+        observed = self.pipeline.observe(acq, predicted.features, monitor, self.trigger, self.buffer.recent(acq.region))
+        index = self._counts[acq.region] = self._counts.get(acq.region, 0) + 1
+        if observed.update.newly_detected and observed.drift is not None:
+            self.result.drift_events.append(observed.drift)
+            self.result.first_detection.setdefault(acq.region, index)
+        log = TileLog(
+            acq.region,
+            index,
+            acq.id,
+            version,
+            observed.update.max_ratio,
+            observed.update.scores,
+            observed.update.thresholds,
+            observed.update.fired,
+        )
+        self.result.tiles.append(log)
+        if self.on_tile is not None:
+            self.on_tile(log)
+        if observed.job is not None:
+            tiles = self.buffer.recent(acq.region)
+            adapted = self.pipeline.adapt(observed.job, tiles)
+            self.result.adaptations.append(adapted)
+            event = self.pipeline.deploy(adapted.version)
+            if event is not None:
+                self.result.rollouts.append(event)
+                self.pipeline.rebaseline(monitor, acq.region, [t.image for t in tiles])

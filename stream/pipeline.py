@@ -1,0 +1,245 @@
+"""The flow of one acquisition through every stage, written once for every runner.
+
+    Acquisition -> read + validate -> predict -> features -> monitor -> trigger -> AdaptationJob
+    AdaptationJob -> adapt -> gate -> publish (ModelVersion) -> rollout (RolloutEvent) -> monitor re-baseline
+
+The embedded runner calls these methods in a plain loop; the faust agents call the same methods, the adaptation
+step in its own process. Per-region state (monitor, trigger, tile buffer) is passed in by the runner, which owns
+where it lives (memory, or a changelog-backed faust table).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from adapters.buffer import BufferedTile
+from adapters.gate import GateResult
+from adapters.job import AdaptationConfig, run_adaptation
+from adapters.trigger import Trigger, TriggerDecision
+from monitoring.features import TileFeatures
+from monitoring.monitor import MonitorConfig, MonitorUpdate, RegionMonitor
+from serving.predictor import Predictor, TileOutput
+from serving.registry import ModelRegistry
+from serving.rollout import Deployer
+from serving.store import BlobStore
+from terradapt.errors import UnknownRegionError
+from terradapt.raster import Raster, RasterSpec, read_raster, write_cog
+from terradapt.records import (
+    Acquisition,
+    AdaptationJob,
+    DriftEvent,
+    FeatureStats,
+    ModelVersion,
+    RolloutEvent,
+    TilePrediction,
+)
+
+CALIBRATION_KEY = "models/source/0/calibration.json"
+
+
+def feature_record(acq: Acquisition, f: TileFeatures, version: int) -> FeatureStats:
+    """The FeatureStats record of a tile."""
+    return FeatureStats(
+        acquisition_id=acq.id,
+        region=acq.region,
+        model_version=version,
+        band_mean=tuple(map(float, f.band_mean)),
+        band_std=tuple(map(float, f.band_std)),
+        residual_mean=tuple(map(float, f.residual_mean)),
+        residual_std=tuple(map(float, f.residual_std)),
+        deep_mean=tuple(map(float, f.deep)),
+        bn_mean_shift=f.bn_mean_shift,
+        bn_var_ratio=f.bn_var_ratio,
+        class_shares=tuple(map(float, f.class_shares)),
+        mean_entropy=f.mean_entropy,
+        mean_confidence=f.mean_confidence,
+    )
+
+
+def features_from_record(r: FeatureStats) -> TileFeatures:
+    """Back from the record (what the Kafka monitor consumes) to numpy features."""
+    return TileFeatures(
+        band_mean=np.asarray(r.band_mean),
+        band_std=np.asarray(r.band_std),
+        residual_mean=np.asarray(r.residual_mean),
+        residual_std=np.asarray(r.residual_std),
+        deep=np.asarray(r.deep_mean),
+        bn_mean_shift=r.bn_mean_shift,
+        bn_var_ratio=r.bn_var_ratio,
+        class_shares=np.asarray(r.class_shares),
+        mean_entropy=r.mean_entropy,
+        mean_confidence=r.mean_confidence,
+    )
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """Output of the predict stage."""
+
+    raster: Raster
+    output: TileOutput
+    prediction: TilePrediction
+    features: FeatureStats
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Output of the monitor + trigger stages."""
+
+    update: MonitorUpdate
+    drift: DriftEvent | None
+    decision: TriggerDecision
+    job: AdaptationJob | None
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """Output of the adapt + gate + publish stages."""
+
+    version: ModelVersion
+    gate: GateResult
+
+
+@dataclass
+class Pipeline:
+    """Stage functions with every dependency injected."""
+
+    registry: ModelRegistry
+    predictor: Predictor
+    deployer: Deployer
+    adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
+    monitor_config: MonitorConfig = field(default_factory=MonitorConfig)
+    spec: RasterSpec = field(default_factory=RasterSpec.flair)
+    regions: frozenset[str] | None = None
+    predictions: BlobStore | None = None
+    _calibration: dict[str, Any] | None = None
+
+    # -- read ------------------------------------------------------------------------------------------------
+    def check_region(self, region: str) -> None:
+        """Refuse regions outside the configured set (when one is configured)."""
+        if self.regions is not None and region not in self.regions:
+            raise UnknownRegionError(region, sorted(self.regions))
+
+    def read(self, acq: Acquisition, data: bytes | str) -> Raster:
+        """Validate region and raster (typed errors name the bad field)."""
+        self.check_region(acq.region)
+        return read_raster(data, self.spec)
+
+    # -- predict ---------------------------------------------------------------------------------------------
+    def predict(self, acq: Acquisition, raster: Raster) -> Predicted:
+        """Predict with the region's current model, store the prediction COG, build the records."""
+        t0 = time.perf_counter()
+        out = self.predictor.predict(acq.region, [raster.data.astype(np.uint8)])[0]
+        latency = time.perf_counter() - t0
+        href = None
+        if self.predictions is not None:
+            cog = write_cog(out.class_map, raster.crs, raster.transform)
+            href = self.predictions.put(f"{acq.region}/{acq.id}.tif", cog, "image/tiff")
+        f = out.features
+        prediction = TilePrediction(
+            acquisition_id=acq.id,
+            region=acq.region,
+            model_version=out.version,
+            href=href,
+            class_shares=tuple(map(float, f.class_shares)),
+            mean_entropy=f.mean_entropy,
+            latency_s=latency,
+        )
+        return Predicted(raster, out, prediction, feature_record(acq, f, out.version))
+
+    # -- monitor + trigger -----------------------------------------------------------------------------------
+    def calibration(self) -> dict[str, Any]:
+        """The source-calibrated monitor state every region starts from (stored beside the source model)."""
+        if self._calibration is None:
+            self._calibration = json.loads(self.registry.store.get(CALIBRATION_KEY))
+        return self._calibration
+
+    def new_monitor(self) -> RegionMonitor:
+        """A calibrated monitor for a region seen for the first time."""
+        monitor = RegionMonitor(self.monitor_config)
+        monitor.load_state_dict(self.calibration())
+        monitor.reset()
+        return monitor
+
+    def observe(
+        self,
+        acq: Acquisition,
+        features: FeatureStats,
+        monitor: RegionMonitor,
+        trigger: Trigger,
+        buffered: Sequence[BufferedTile],
+    ) -> Observed:
+        """Update the region's monitor; turn a covariate-drift alarm into an adaptation job when due."""
+        update = monitor.update(features_from_record(features))
+        trigger.observe(acq.region)
+        drift = None
+        if update.fired:
+            signal = max(update.fired, key=lambda s: update.scores[s] / max(update.thresholds[s], 1e-12))
+            drift = DriftEvent(
+                region=acq.region,
+                acquisition_id=acq.id,
+                tiles_seen=monitor.tiles_seen,
+                signal=signal,
+                score=update.scores[signal],
+                threshold=update.thresholds[signal],
+                scores=dict(update.scores),
+            )
+        decision = trigger.decide(
+            acq.region,
+            drifted=update.newly_detected or bool(update.fired),
+            covariate=update.covariate_shift,
+            buffered=len(buffered),
+        )
+        job = None
+        if decision.adapt and drift is not None:
+            job = AdaptationJob(
+                job_id=f"{acq.region}-{acq.id}-{uuid.uuid5(uuid.NAMESPACE_URL, acq.id).hex[:8]}",
+                region=acq.region,
+                base_version=features.model_version,
+                method=self.adaptation.method,
+                tile_ids=tuple(t.acquisition_id for t in buffered),
+                trigger=drift,
+            )
+        return Observed(update, drift, decision, job)
+
+    # -- adapt + gate + publish ------------------------------------------------------------------------------
+    def adapt(self, job: AdaptationJob, tiles: Sequence[BufferedTile]) -> Adapted:
+        """Adapt the job's base version on ``tiles``, gate it, publish it (rejected versions are kept, flagged)."""
+        base, manifest = self.registry.load(job.region, job.base_version)
+        outcome = run_adaptation(job, base, manifest, tiles, self.adaptation)
+        version = self.registry.publish(outcome.weights, outcome.manifest)
+        return Adapted(version, outcome.gate)
+
+    def deploy(self, version: ModelVersion) -> RolloutEvent | None:
+        """Roll an accepted version out; rejected versions are never deployed."""
+        if not version.accepted:
+            return None
+        return self.deployer.rollout(version.region, version.version)
+
+    def rebaseline(self, monitor: RegionMonitor, region: str, images: Sequence[npt.NDArray[np.uint8]]) -> None:
+        """After a rollout, the recent tiles as seen by the new model are the region's new normal."""
+        outs = self.predictor.predict(region, list(images))
+        monitor.rebaseline([o.features for o in outs])
+
+
+def calibrate_monitor(
+    predictor: Predictor,
+    images: Sequence[npt.NDArray[np.uint8]],
+    config: MonitorConfig,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Calibrate a monitor on held-out source tiles predicted by the source model; return its state."""
+    outs = predictor.predict("source", list(images), version=0)
+    feats = [o.features for o in outs]
+    half = len(feats) // 2
+    monitor = RegionMonitor(config)
+    monitor.calibrate(feats[:half], feats[half:], seed=seed)
+    return monitor.state_dict()

@@ -1,0 +1,71 @@
+"""Typed configuration building blocks.
+
+Every config model forbids unknown keys, so a typo in a file or an environment variable fails loudly with the
+field name instead of being ignored. Layers define their own small configs (a detector's, an adapter's); the
+runner composes them (see ``stream.config``). Connection settings of the external services live here because
+several layers use them.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(StrictModel):
+    """Apache Kafka connection and topic layout."""
+
+    bootstrap: str = "127.0.0.1:19092"
+    topic_prefix: str = "terradapt."
+    partitions: int = Field(default=4, ge=1)
+    consumer_group: str = "terradapt-worker"
+
+
+class S3Config(StrictModel):
+    """MinIO / S3 connection (credentials only from the environment or a secret file, never from code)."""
+
+    endpoint: str = "127.0.0.1:19000"
+    access_key: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    secure: bool = False
+    bucket_acquisitions: str = "terradapt-acquisitions"
+    bucket_predictions: str = "terradapt-predictions"
+    bucket_models: str = "terradapt-models"
+
+
+class TorchServeConfig(StrictModel):
+    """TorchServe addresses and auth."""
+
+    inference_url: str = "http://127.0.0.1:18080"
+    management_url: str = "http://127.0.0.1:18081"
+    metrics_url: str = "http://127.0.0.1:18082"
+    key_file: Path | None = None
+    timeout_s: float = 30.0
+    retries: int = Field(default=3, ge=0)
+
+
+class RuntimeConfig(StrictModel):
+    """Where terradapt keeps its files and which device it computes on."""
+
+    workdir: Path = Path(".terradapt")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    predictor: Literal["inprocess", "torchserve"] = "inprocess"
+    window: int = Field(default=512, ge=32, description="tiling window for large acquisitions (px)")
+    overlap: int = Field(default=32, ge=0)
+    batch_size: int = Field(default=4, ge=1)
+    seed: int = 0
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML config file into a dict (one file per environment under deploy/config/)."""
+    with path.open("rb") as fh:
+        return tomllib.load(fh)

@@ -1,0 +1,110 @@
+"""Contract tests generated from the registries: every detector and every adapter, test id = its name."""
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.registry import available_adapters, create_adapter
+from monitoring.detectors import Detector, available_detectors, create_detector
+from terradapt.errors import UnknownNameError
+from terradapt.model import UNet, UNetConfig
+
+DIM = 6
+
+
+def _calibrated(name: str, seed: int = 0) -> Detector:
+    rng = np.random.default_rng(seed)
+    det = create_detector(name, {"window": 8, "ert": 500})
+    det.calibrate(rng.normal(size=(200, DIM)), rng.normal(size=(200, DIM)), rng)
+    return det
+
+
+@pytest.mark.parametrize("name", available_detectors())
+def test_detector_no_alarm_on_long_in_distribution_stream(name):
+    det = _calibrated(name)
+    rng = np.random.default_rng(1)
+    alarms = 0
+    for _ in range(3000):
+        det.update(rng.normal(size=DIM))
+        if det.drift_detected:
+            alarms += 1
+            det.reset()
+    # ERT 500 -> about 6 alarms expected in 3000 tiles if calibration holds; far fewer than 1 per 100 tiles
+    assert alarms <= 15
+
+
+@pytest.mark.parametrize("name", available_detectors())
+def test_detector_flags_shift_within_two_windows(name):
+    det = _calibrated(name)
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        det.update(rng.normal(size=DIM))
+    assert not det.drift_detected
+    delay = next((i for i in range(1, 100) if (det.update(rng.normal(size=DIM) + 1.5), det.drift_detected)[1]), None)
+    assert delay is not None
+    assert delay <= 16
+
+
+@pytest.mark.parametrize("name", available_detectors())
+def test_detector_reset_idempotent_and_state_round_trip(name):
+    det = _calibrated(name)
+    rng = np.random.default_rng(3)
+    xs = rng.normal(size=(40, DIM)) + np.linspace(0, 2, 40)[:, None]
+    for x in xs[:20]:
+        det.update(x)
+    clone = create_detector(name)
+    clone.load_state_dict(det.state_dict())
+    for x in xs[20:]:
+        det.update(x)
+        clone.update(x)
+        assert (det.score, det.drift_detected) == (clone.score, clone.drift_detected)
+    det.reset()
+    state = det.state_dict()
+    det.reset()
+    assert det.state_dict() == state
+    assert not det.drift_detected and det.score == 0.0
+
+
+def test_unknown_names_list_valid_ones():
+    with pytest.raises(UnknownNameError, match=r"available: .*mean-shift"):
+        create_detector("nope")
+    with pytest.raises(UnknownNameError, match="bn"):
+        create_adapter("nope", UNet(UNetConfig(base_channels=4, depth=1)))
+
+
+def _toy_model() -> UNet:
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_channels=5, num_classes=4, base_channels=4, depth=2))
+    model.train()
+    with torch.no_grad():  # give BN running stats something non-trivial
+        for _ in range(3):
+            model(torch.rand(2, 5, 32, 32) * 255)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", available_adapters())
+@pytest.mark.parametrize("batch", [1, 4])
+def test_adapter_changes_only_declared_names_and_resets_exactly(name, batch):
+    model = _toy_model()
+    source = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter = create_adapter(name, model)
+    x = torch.rand(8, 5, 32, 32) * 200 + 30
+    adapted = adapter.adapt(x[i : i + batch] for i in range(0, 8, batch))
+    changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, source[k])}
+    assert changed, "adaptation changed nothing"
+    assert changed <= adapter.changed_names()
+    # the model given to the adapter is never modified in place
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+    adapter.reset()
+    assert all(torch.equal(v, source[k]) for k, v in adapter.model.state_dict().items())
+
+
+@pytest.mark.parametrize("name", available_adapters())
+def test_adapter_state_round_trip(name):
+    model = _toy_model()
+    a = create_adapter(name, model)
+    a.adapt([torch.rand(2, 5, 32, 32) * 255])
+    b = create_adapter(name, model)
+    b.load_state_dict(a.state_dict())
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k])

@@ -1,0 +1,53 @@
+"""End-to-end test of the embedded runner on a tiny configuration (the same loop `make demo` runs)."""
+
+import pytest
+
+from stream.demo import DemoConfig, run_demo
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    cfg = DemoConfig(
+        workdir=root / "work",
+        cache_dir=root / "cache",
+        report_dir=root / "report",
+        tile_size=128,
+        train_tiles=12,
+        calibration_tiles=24,
+        stream_tiles=24,
+        eval_tiles=4,
+        train_steps=120,
+    )
+    return run_demo(cfg)
+
+
+def test_in_distribution_region_raises_no_drift(demo):
+    rows = {r.region: r for r in demo.rows}
+    assert rows["D033"].drift_at is None
+    assert rows["D033"].version == 0
+    assert not [e for e in demo.run.drift_events if e.region == "D033"]
+
+
+def test_covariate_shifted_regions_are_detected_early(demo):
+    rows = {r.region: r for r in demo.rows}
+    for region in ("D013", "D067"):
+        assert rows[region].drift_at is not None and rows[region].drift_at <= 16, rows[region]
+        assert rows[region].signal == "radiometry"
+
+
+def test_adapted_version_deployed_only_where_drift_and_not_worse(demo):
+    rows = {r.region: r for r in demo.rows}
+    adapted = [r for r in demo.rows if r.version > 0]
+    assert adapted, "no region got an adapted version"
+    assert {r.region for r in adapted} <= {"D013", "D067"}
+    for r in adapted:
+        assert r.miou_current >= r.miou_source, r
+    assert rows["D029"].version == 0  # label shift only: never adapted
+    assert {e.region for e in demo.run.rollouts} == {r.region for r in adapted}
+
+
+def test_report_written(demo):
+    html = demo.report.read_text()
+    assert "D013" in html and "data:image/png;base64," in html
+    assert (demo.report.parent / "drift.png").stat().st_size > 10_000
