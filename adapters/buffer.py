@@ -16,6 +16,7 @@ class BufferedTile:
     acquisition_id: str
     image: npt.NDArray[np.uint8]
     mask: npt.NDArray[np.uint8] | None = None
+    href: str = ""
 
 
 class TileBuffer:

@@ -51,6 +51,14 @@ SIGNALS: dict[str, tuple[Callable[[TileFeatures], Vector], bool]] = {
 COVARIATE_SIGNALS = tuple(name for name, (_, covariate) in SIGNALS.items() if covariate)
 
 
+def _features_to_dict(f: TileFeatures) -> dict[str, Any]:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(f).items()}
+
+
+def _features_from_dict(d: dict[str, Any]) -> TileFeatures:
+    return TileFeatures(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
 class MonitorConfig(StrictModel):
     """Config of the per-region monitor."""
 
@@ -58,6 +66,7 @@ class MonitorConfig(StrictModel):
     detector_config: dict[str, Any] = Field(default_factory=dict)
     signals: tuple[str, ...] = tuple(SIGNALS)
     ert: int = Field(default=1000, ge=10, description="expected run time without any alarm, all signals")
+    warmup_tiles: int = Field(default=8, ge=1, description="tiles that set a region's new normal after a rollout")
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,8 @@ class RegionMonitor:
         }
         self.tiles_seen = 0
         self.detected_at: int | None = None
+        self.model_version = 0
+        self._warmup: list[TileFeatures] | None = None
 
     def calibrate(self, fit: Sequence[TileFeatures], held_out: Sequence[TileFeatures], seed: int = 0) -> None:
         """Calibrate every signal on source tiles (features computed by the source model)."""
@@ -105,9 +116,31 @@ class RegionMonitor:
             det.calibrate(np.stack([extract(f) for f in fit]), np.stack([extract(f) for f in held_out]), rng)
         self.reset()
 
-    def update(self, features: TileFeatures) -> MonitorUpdate:
-        """Feed one tile; report scores and whether the region newly crossed into drift."""
+    def update(self, features: TileFeatures, model_version: int = 0) -> MonitorUpdate:
+        """Feed one tile predicted by ``model_version``; report scores and whether drift newly started.
+
+        Features of a different model version than the last ones start a warm-up: deep features, BatchNorm
+        statistics and predictions change with the model, so the first ``warmup_tiles`` tiles seen through a
+        newly rolled-out version become the region's new normal (detectors re-centred, calibration kept) and
+        raise no alarm. The same rule holds in every runner, so no message has to tell the monitor of a rollout.
+        """
         self.tiles_seen += 1
+        if model_version != self.model_version:
+            self.model_version = model_version
+            self._warmup = []
+            for det in self.detectors.values():
+                det.reset()
+        if self._warmup is not None:
+            self._warmup.append(features)
+            if len(self._warmup) >= self.config.warmup_tiles:
+                self.rebaseline(self._warmup)
+                self._warmup = None
+            return MonitorUpdate(
+                scores={n: 0.0 for n in self.detectors},
+                thresholds={n: d.threshold for n, d in self.detectors.items()},
+                fired=(),
+                newly_detected=False,
+            )
         was = self.drift_detected
         for name, det in self.detectors.items():
             det.update(SIGNALS[name][0](features))
@@ -121,6 +154,11 @@ class RegionMonitor:
             fired=fired,
             newly_detected=newly,
         )
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether the monitor is collecting a new normal after a model change."""
+        return self._warmup is not None
 
     @property
     def drift_detected(self) -> bool:
@@ -146,6 +184,8 @@ class RegionMonitor:
             "config": self.config.model_dump(),
             "tiles_seen": self.tiles_seen,
             "detected_at": self.detected_at,
+            "model_version": self.model_version,
+            "warmup": None if self._warmup is None else [_features_to_dict(f) for f in self._warmup],
             "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
         }
 
@@ -154,5 +194,8 @@ class RegionMonitor:
         self.__init__(MonitorConfig.model_validate(state["config"]))  # type: ignore[misc]
         self.tiles_seen = int(state["tiles_seen"])
         self.detected_at = state["detected_at"]
+        self.model_version = int(state.get("model_version", 0))
+        warm = state.get("warmup")
+        self._warmup = None if warm is None else [_features_from_dict(d) for d in warm]
         for n, s in state["detectors"].items():
             self.detectors[n].load_state_dict(s)

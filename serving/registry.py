@@ -46,7 +46,7 @@ class ModelRegistry:
         if manifest.job_id is not None:
             for m in existing:
                 if m.job_id == manifest.job_id:
-                    return self._record(m)
+                    return self.record(m)
         version = max((m.version for m in existing), default=0) + 1
         return self._write(region, version, weights, manifest.model_copy(update={"version": version}))
 
@@ -58,9 +58,17 @@ class ModelRegistry:
         prefix = self._prefix(region, version)
         self.store.put(f"{prefix}/{WEIGHTS_FILE}", weights)
         self.store.put(f"{prefix}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode(), "application/json")
-        return self._record(manifest)
+        return self.record(manifest)
 
-    def _record(self, m: ModelManifest) -> ModelVersion:
+    def find_job(self, region: str, job_id: str) -> ModelVersion | None:
+        """The version an adaptation job already published, if any (retried jobs must not publish twice)."""
+        for m in self.history(region):
+            if m.job_id == job_id:
+                return self.record(m)
+        return None
+
+    def record(self, m: ModelManifest) -> ModelVersion:
+        """The ModelVersion record of a stored manifest."""
         return ModelVersion(
             region=m.region,
             version=m.version,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,12 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, help="terradapt: keep land-cover models accurate as they meet new regions.")
-console = Console()
+
+
+@functools.cache
+def _console() -> Console:
+    """The rich console, created on first use (its width is read from the terminal or COLUMNS then)."""
+    return Console()
 
 
 def _load_demo_config(config: Path | None, dataset: str | None, quick: bool) -> object:
@@ -59,7 +65,7 @@ def demo(
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
-        console=console,
+        console=_console(),
     ) as progress:
         train_task = progress.add_task("training source model", total=cfg.train_steps, info="", visible=False)
         stream_task = progress.add_task("streaming", total=None, info="", visible=False)
@@ -108,8 +114,8 @@ def demo(
             f"{100 * (r.miou_source or 0):.1f}",
             f"{100 * (r.miou_current or 0):.1f}",
         )
-    console.print(table)
-    console.print(
+    _console().print(table)
+    _console().print(
         f"source model {'loaded from cache' if result.cached_model else 'trained'}; "
         f"dead letters: {len(result.run.dead_letters)}; report: {result.report}"
     )
@@ -127,7 +133,7 @@ def generate(
     from terradapt.datasets.synthetic import write_flair_dataset
 
     paths = write_flair_dataset(out, {r: tiles for r in regions.split(",")}, size=size, seed=seed)
-    console.print(f"wrote {len(paths)} files under {out}")
+    _console().print(f"wrote {len(paths)} files under {out}")
 
 
 def _flair_samples(root: Path, regions: list[str] | None) -> tuple[object, list[object]]:
@@ -160,7 +166,7 @@ def train(
     classes = getattr(ds, "classes")  # noqa: B009
     bands = getattr(ds, "band_names")  # noqa: B009
     mcfg = UNetConfig(in_channels=len(bands), num_classes=len(classes), base_channels=base_channels)
-    with Progress(console=console) as progress:
+    with Progress(console=_console()) as progress:
         task = progress.add_task("training", total=steps)
         model, manifest = train_source_checkpoint(
             [s.image for s in labelled],
@@ -173,7 +179,7 @@ def train(
             progress=lambda step, loss: progress.update(task, completed=step),
         )
     saved = save_checkpoint(out, model, manifest)
-    console.print(f"saved {out} (sha256 {saved.sha256[:12]}...)")
+    _console().print(f"saved {out} (sha256 {saved.sha256[:12]}...)")
 
 
 @app.command()
@@ -202,7 +208,7 @@ def evaluate(
         ev = run_eval(model, [s.image for s in group], [s.mask for s in group if s.mask is not None])
         cells = ["-" if v != v else f"{100 * v:.1f}" for v in ev.iou]
         table.add_row(region, *cells, f"{100 * ev.miou:.1f}")
-    console.print(table)
+    _console().print(table)
 
 
 @app.command()
@@ -242,13 +248,130 @@ def adapt(
     )
     outcome = run_adaptation(job, model, manifest, tiles, cfg)
     verdict = "accepted" if outcome.gate.accepted else "REJECTED: " + "; ".join(outcome.gate.reasons)
-    console.print(f"gate: {verdict}")
-    console.print(json.dumps(outcome.gate.metrics, indent=2))
+    _console().print(f"gate: {verdict}")
+    _console().print(json.dumps(outcome.gate.metrics, indent=2))
     target = out or model_dir.parent / f"{region}-{method}"
     target.mkdir(parents=True, exist_ok=True)
     (target / "weights.safetensors").write_bytes(outcome.weights)
     (target / "manifest.json").write_text(ModelManifest.model_dump_json(outcome.manifest, indent=2))
-    console.print(f"saved {target}")
+    _console().print(f"saved {target}")
+
+
+def _settings(config: Path | None) -> object:
+    from stream.config import ConfigError, load_settings
+
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+ConfigOption = Annotated[Path | None, typer.Option(help="TOML settings file (else TERRADAPT_CONFIG / env only)")]
+
+
+@app.command()
+def topics(config: ConfigOption = None) -> None:
+    """Create the Kafka topics (idempotent) with the configured partition count."""
+    from stream.config import Settings
+    from stream.kafka.topics import Topics, ensure_topics
+
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    created = ensure_topics(settings.kafka, Topics.with_prefix(settings.kafka.topic_prefix))
+    _console().print(f"created {len(created)} topics: {', '.join(created) or '-'}")
+
+
+@app.command("registry-init")
+def registry_init(
+    model_dir: Annotated[Path, typer.Option("--model", help="source checkpoint folder")],
+    data: Annotated[Path, typer.Option(help="FLAIR-layout root with held-out source tiles for calibration")],
+    regions: Annotated[str | None, typer.Option(help="comma-separated source regions to calibrate on")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Publish the source model to the MinIO registry and calibrate the drift monitor on held-out source tiles."""
+    from serving.minio_store import MinioStore, minio_client
+    from serving.predictor import InProcessPredictor
+    from serving.registry import ModelRegistry
+    from stream.config import Settings
+    from stream.pipeline import CALIBRATION_KEY, calibrate_monitor
+    from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest
+    from terradapt.datasets.base import Sample
+
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    store = MinioStore(minio_client(settings.s3), settings.s3.bucket_models)
+    registry = ModelRegistry(store)
+    manifest = ModelManifest.model_validate_json((model_dir / MANIFEST_FILE).read_bytes())
+    version = registry.publish_source((model_dir / WEIGHTS_FILE).read_bytes(), manifest)
+    _, samples = _flair_samples(data, regions.split(",") if regions else None)
+    images = [s.image for s in samples if isinstance(s, Sample)]
+    predictor = InProcessPredictor(registry, device=settings.runtime.device)
+    calibration = calibrate_monitor(predictor, images, settings.monitor, settings.runtime.seed)
+    store.put(CALIBRATION_KEY, json.dumps(calibration).encode(), "application/json")
+    _console().print(
+        f"source model {version.href} (sha256 {version.sha256[:12]}...), calibrated on {len(images)} tiles"
+    )
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="GeoTIFF files to ingest")],
+    region: Annotated[str, typer.Option(help="region code, e.g. D033")],
+    config: ConfigOption = None,
+) -> None:
+    """Upload GeoTIFFs to MinIO and publish their STAC items on the acquisitions topic (key = region)."""
+    from serving.minio_store import MinioStore, minio_client
+    from stream.config import Settings
+    from stream.kafka.ingest import ingest as run_ingest
+    from stream.kafka.ingest import make_producer
+    from stream.kafka.topics import Topics
+
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    store = MinioStore(minio_client(settings.s3), settings.s3.bucket_acquisitions)
+    producer = make_producer(settings.kafka.bootstrap)
+    topic = Topics.with_prefix(settings.kafka.topic_prefix).acquisitions
+    with Progress(console=_console()) as progress:
+        task = progress.add_task(f"ingesting {region}", total=len(paths))
+        acqs = run_ingest(paths, region, store, producer, topic, lambda _: progress.advance(task))
+    producer.close()
+    _console().print(f"published {len(acqs)} acquisitions to {topic}")
+
+
+@app.command()
+def worker(config: ConfigOption = None) -> None:
+    """Run the faust stream worker (predict, featurize, monitor, trigger)."""
+    import faust
+
+    from stream.config import Settings
+    from stream.kafka.services import build_services
+    from stream.kafka.topics import ensure_topics
+    from stream.kafka.worker import create_app
+
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    services = build_services(settings)
+    ensure_topics(settings.kafka, services.topics)
+    faust_app = create_app(services)
+    faust.Worker(faust_app, loglevel="INFO").execute_from_commandline()
+
+
+@app.command("adapt-worker")
+def adapt_worker(config: ConfigOption = None) -> None:
+    """Run the adaptation worker (its own process and consumer group)."""
+    import logging
+
+    from stream.config import Settings
+    from stream.kafka.adapt_worker import AdaptWorker, run_forever
+    from stream.kafka.services import build_services
+    from stream.kafka.topics import ensure_topics
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    services = build_services(settings)
+    ensure_topics(settings.kafka, services.topics)
+    run_forever(AdaptWorker(services))
 
 
 @app.command()
@@ -260,12 +383,12 @@ def info() -> None:
     from monitoring.detectors import available_detectors
     from terradapt import __version__
 
-    console.print(
+    _console().print(
         f"terradapt {__version__}; python {sys.version.split()[0]}; torch {torch.__version__}; "
         f"cuda available: {torch.cuda.is_available()}"
     )
-    console.print(f"adaptation methods: {', '.join(available_adapters())}")
-    console.print(f"drift detectors: {', '.join(available_detectors())}")
+    _console().print(f"adaptation methods: {', '.join(available_adapters())}")
+    _console().print(f"drift detectors: {', '.join(available_detectors())}")
 
 
 def main() -> None:

@@ -308,7 +308,7 @@ def run_demo(
         src_eval = evaluate(predictor.model(region, 0), images, masks)
         cur_eval = src_eval if current == 0 else evaluate(predictor.model(region, current), images, masks)
         det = result.first_detection.get(region)
-        fired = next((e.signal for e in result.drift_events if e.region == region), "-")
+        fired = next((",".join(e.fired) for e in result.drift_events if e.region == region), "-")
         gates = [a for a in result.adaptations if a.version.region == region]
         gate = (
             "-" if not gates else ("accepted" if gates[-1].gate.accepted else "rejected: " + gates[-1].gate.reasons[0])

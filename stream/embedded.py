@@ -114,10 +114,12 @@ class EmbeddedRunner:
             cm = confusion_matrix(predicted.output.class_map, item.mask, k, IGNORE_INDEX)
             key = (acq.region, version)
             self.result.confusion[key] = self.result.confusion.get(key, np.zeros((k, k), np.int64)) + cm
-        tile = BufferedTile(acq.id, raster.data.astype(np.uint8), item.mask if self.labels_in_gate else None)
+        mask = item.mask if self.labels_in_gate else None
+        tile = BufferedTile(acq.id, raster.data.astype(np.uint8), mask, href=acq.href)
         self.buffer.add(acq.region, tile)
         monitor = self.monitor(acq.region)
-        observed = self.pipeline.observe(acq, predicted.features, monitor, self.trigger, self.buffer.recent(acq.region))
+        recent = [(t.acquisition_id, t.href) for t in self.buffer.recent(acq.region)]
+        observed = self.pipeline.observe(acq, predicted.features, monitor, self.trigger, recent)
         index = self._counts[acq.region] = self._counts.get(acq.region, 0) + 1
         if observed.update.newly_detected and observed.drift is not None:
             self.result.drift_events.append(observed.drift)
@@ -142,4 +144,3 @@ class EmbeddedRunner:
             event = self.pipeline.deploy(adapted.version)
             if event is not None:
                 self.result.rollouts.append(event)
-                self.pipeline.rebaseline(monitor, acq.region, [t.image for t in tiles])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,6 +130,10 @@ class Pipeline:
     def read(self, acq: Acquisition, data: bytes | str) -> Raster:
         """Validate region and raster (typed errors name the bad field)."""
         self.check_region(acq.region)
+        return self.read_data(data)
+
+    def read_data(self, data: bytes | str) -> Raster:
+        """Read and validate a raster against the configured spec."""
         return read_raster(data, self.spec)
 
     # -- predict ---------------------------------------------------------------------------------------------
@@ -175,10 +178,14 @@ class Pipeline:
         features: FeatureStats,
         monitor: RegionMonitor,
         trigger: Trigger,
-        buffered: Sequence[BufferedTile],
+        recent: Sequence[tuple[str, str]],
     ) -> Observed:
-        """Update the region's monitor; turn a covariate-drift alarm into an adaptation job when due."""
-        update = monitor.update(features_from_record(features))
+        """Update the region's monitor; turn a covariate-drift alarm into an adaptation job when due.
+
+        ``recent`` lists the region's buffered tiles as (acquisition id, object href): the job carries them so
+        the adaptation worker can fetch the same tiles.
+        """
+        update = monitor.update(features_from_record(features), features.model_version)
         trigger.observe(acq.region)
         drift = None
         if update.fired:
@@ -190,22 +197,25 @@ class Pipeline:
                 signal=signal,
                 score=update.scores[signal],
                 threshold=update.thresholds[signal],
+                fired=update.fired,
+                covariate=update.covariate_shift,
                 scores=dict(update.scores),
             )
         decision = trigger.decide(
             acq.region,
             drifted=update.newly_detected or bool(update.fired),
             covariate=update.covariate_shift,
-            buffered=len(buffered),
+            buffered=len(recent),
         )
         job = None
         if decision.adapt and drift is not None:
             job = AdaptationJob(
-                job_id=f"{acq.region}-{acq.id}-{uuid.uuid5(uuid.NAMESPACE_URL, acq.id).hex[:8]}",
+                job_id=f"adapt-{acq.id}",
                 region=acq.region,
                 base_version=features.model_version,
                 method=self.adaptation.method,
-                tile_ids=tuple(t.acquisition_id for t in buffered),
+                tile_ids=tuple(i for i, _ in recent),
+                tile_hrefs=tuple(h for _, h in recent),
                 trigger=drift,
             )
         return Observed(update, drift, decision, job)
@@ -223,11 +233,6 @@ class Pipeline:
         if not version.accepted:
             return None
         return self.deployer.rollout(version.region, version.version)
-
-    def rebaseline(self, monitor: RegionMonitor, region: str, images: Sequence[npt.NDArray[np.uint8]]) -> None:
-        """After a rollout, the recent tiles as seen by the new model are the region's new normal."""
-        outs = self.predictor.predict(region, list(images))
-        monitor.rebaseline([o.features for o in outs])
 
 
 def calibrate_monitor(

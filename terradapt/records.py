@@ -197,6 +197,8 @@ class DriftEvent(Record):
     signal: str
     score: float
     threshold: float
+    fired: tuple[str, ...] = ()
+    covariate: bool = False
     scores: dict[str, float] = Field(default_factory=dict)
     detected_at: datetime = Field(default_factory=utcnow)
 
@@ -209,6 +211,7 @@ class AdaptationJob(Record):
     base_version: int
     method: str
     tile_ids: tuple[str, ...]
+    tile_hrefs: tuple[str, ...] = ()
     trigger: DriftEvent
     label_shift: tuple[float, ...] | None = None
     created: datetime = Field(default_factory=utcnow)

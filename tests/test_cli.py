@@ -5,7 +5,7 @@ from typer.testing import CliRunner
 from stream.cli import app
 from terradapt.datasets.flair import FlairDataset
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "250"})
 
 
 def test_info_lists_methods_and_detectors():

@@ -239,9 +239,13 @@ def test_rgb_to_classes_takes_the_nearest_colour() -> None:
     np.testing.assert_array_equal(rgb_to_classes(rgb)[0], [0, 1, 2, 3, 4, IGNORE_INDEX, 4])
 
 
-@pytest.mark.skipif(
-    not (Path(__file__).parents[1] / DEFAULT_ROOT).is_dir(), reason="shared Dubai data absent"
-)
+def test_dubai_root_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TERRADAPT_DUBAI_ROOT", str(tmp_path / "elsewhere"))
+    with pytest.raises(FileNotFoundError, match="elsewhere"):
+        DubaiDataset()
+
+
+@pytest.mark.skipif(not (Path(__file__).parents[1] / DEFAULT_ROOT).is_dir(), reason="shared Dubai data absent")
 def test_dubai_real_class_shares() -> None:
     dataset = DubaiDataset()
     assert dataset.regions() == [f"dubai-{k}" for k in range(1, 9)]

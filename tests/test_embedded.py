@@ -14,7 +14,7 @@ def demo(tmp_path_factory):
         report_dir=root / "report",
         tile_size=128,
         train_tiles=12,
-        calibration_tiles=24,
+        calibration_tiles=40,
         stream_tiles=24,
         eval_tiles=4,
         train_steps=120,
@@ -33,7 +33,7 @@ def test_covariate_shifted_regions_are_detected_early(demo):
     rows = {r.region: r for r in demo.rows}
     for region in ("D013", "D067"):
         assert rows[region].drift_at is not None and rows[region].drift_at <= 16, rows[region]
-        assert rows[region].signal == "radiometry"
+        assert "radiometry" in rows[region].signal.split(","), rows[region]
 
 
 def test_adapted_version_deployed_only_where_drift_and_not_worse(demo):

@@ -572,12 +572,12 @@ cmd_status() {
 
 cmd_env() {
   ensure_minio_creds
-  printf 'export TERRADAPT_KAFKA_BOOTSTRAP=%s:%s\n' "${BIND_HOST}" "${KAFKA_PORT}"
-  printf 'export TERRADAPT_S3_ENDPOINT=%s:%s\n' "${BIND_HOST}" "${MINIO_PORT}"
-  printf 'export TERRADAPT_S3_SECURE=false\n'
-  printf 'export TERRADAPT_S3_ACCESS_KEY=%s\n' "$(minio_cred MINIO_ROOT_USER)"
-  printf 'export TERRADAPT_S3_SECRET_KEY=%s\n' "$(minio_cred MINIO_ROOT_PASSWORD)"
-  printf 'export TERRADAPT_PROMETHEUS_URL=http://%s:%s\n' "${BIND_HOST}" "${PROMETHEUS_PORT}"
+  printf 'export TERRADAPT_KAFKA__BOOTSTRAP=%s:%s\n' "${BIND_HOST}" "${KAFKA_PORT}"
+  printf 'export TERRADAPT_S3__ENDPOINT=%s:%s\n' "${BIND_HOST}" "${MINIO_PORT}"
+  printf 'export TERRADAPT_S3__SECURE=false\n'
+  printf 'export TERRADAPT_S3__ACCESS_KEY=%s\n' "$(minio_cred MINIO_ROOT_USER)"
+  printf 'export TERRADAPT_S3__SECRET_KEY=%s\n' "$(minio_cred MINIO_ROOT_PASSWORD)"
+  printf 'export TERRADAPT_PROMETHEUS__URL=http://%s:%s\n' "${BIND_HOST}" "${PROMETHEUS_PORT}"
 }
 
 main() {

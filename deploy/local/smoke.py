@@ -31,7 +31,7 @@ def check_kafka() -> None:
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    bootstrap = os.environ["TERRADAPT_KAFKA_BOOTSTRAP"]
+    bootstrap = os.environ["TERRADAPT_KAFKA__BOOTSTRAP"]
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="smoke-admin")
     try:
         admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=1)])
@@ -65,10 +65,10 @@ def check_minio() -> None:
     from minio import Minio
 
     client = Minio(
-        os.environ["TERRADAPT_S3_ENDPOINT"],
-        access_key=os.environ["TERRADAPT_S3_ACCESS_KEY"],
-        secret_key=os.environ["TERRADAPT_S3_SECRET_KEY"],
-        secure=os.environ.get("TERRADAPT_S3_SECURE", "false").lower() == "true",
+        os.environ["TERRADAPT_S3__ENDPOINT"],
+        access_key=os.environ["TERRADAPT_S3__ACCESS_KEY"],
+        secret_key=os.environ["TERRADAPT_S3__SECRET_KEY"],
+        secure=os.environ.get("TERRADAPT_S3__SECURE", "false").lower() == "true",
     )
     if not client.bucket_exists(BUCKET):
         client.make_bucket(BUCKET)
@@ -89,7 +89,7 @@ def check_minio() -> None:
 
 
 def check_prometheus() -> None:
-    base = os.environ["TERRADAPT_PROMETHEUS_URL"]
+    base = os.environ["TERRADAPT_PROMETHEUS__URL"]
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": "up"})
     deadline = time.monotonic() + 30
     t0 = time.monotonic()

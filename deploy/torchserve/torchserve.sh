@@ -72,10 +72,19 @@ live_pid() {  # live_pid PIDFILE MARKER
 launcher_pid() { live_pid "${PID_FILE}" "${LAUNCHER_MARKER}"; }
 frontend_pid() { live_pid "${TS_TMP}/.model_server.pid" "${FRONTEND_MARKER}"; }
 
-# /ping needs no token; "Healthy" means the frontend is up (models are registered later, by the client).
+# The inference token from key_file.json (TorchServe guards even /ping with it).
+inference_key() {
+  [[ -s "${KEY_FILE}" ]] || return 1
+  "${PYTHON}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["inference"]["key"])' "${KEY_FILE}" \
+    2>/dev/null
+}
+
+# "Healthy" means the frontend is up and its key file written (models are registered later, by the client).
 healthy() {
-  curl --silent --max-time 3 "http://${BIND_HOST}:${INFERENCE_PORT}/ping" 2>/dev/null | grep -q '"Healthy"' \
-    && [[ -s "${KEY_FILE}" ]]
+  local key
+  key=$(inference_key) || return 1
+  curl --silent --max-time 3 -H "Authorization: Bearer ${key}" "http://${BIND_HOST}:${INFERENCE_PORT}/ping" \
+    2>/dev/null | grep -q '"Healthy"'
 }
 
 take_lock() {  # its own lock file: services.sh may call this script while holding its .lock
@@ -197,11 +206,11 @@ cmd_status() {
 }
 
 cmd_env() {
-  printf 'export TERRADAPT_TORCHSERVE_INFERENCE_URL=http://%s:%s\n' "${BIND_HOST}" "${INFERENCE_PORT}"
-  printf 'export TERRADAPT_TORCHSERVE_MANAGEMENT_URL=http://%s:%s\n' "${BIND_HOST}" "${MANAGEMENT_PORT}"
-  printf 'export TERRADAPT_TORCHSERVE_METRICS_URL=http://%s:%s\n' "${BIND_HOST}" "${METRICS_PORT}"
-  printf 'export TERRADAPT_TORCHSERVE_KEY_FILE=%s\n' "${KEY_FILE}"
-  printf 'export TERRADAPT_TORCHSERVE_MODEL_STORE=%s\n' "${MODEL_STORE}"
+  printf 'export TERRADAPT_TORCHSERVE__INFERENCE_URL=http://%s:%s\n' "${BIND_HOST}" "${INFERENCE_PORT}"
+  printf 'export TERRADAPT_TORCHSERVE__MANAGEMENT_URL=http://%s:%s\n' "${BIND_HOST}" "${MANAGEMENT_PORT}"
+  printf 'export TERRADAPT_TORCHSERVE__METRICS_URL=http://%s:%s\n' "${BIND_HOST}" "${METRICS_PORT}"
+  printf 'export TERRADAPT_TORCHSERVE__KEY_FILE=%s\n' "${KEY_FILE}"
+  printf 'export TERRADAPT_TS_MODEL_STORE=%s\n' "${MODEL_STORE}"
 }
 
 main() {

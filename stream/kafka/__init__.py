@@ -1,0 +1,1 @@
+"""The Kafka runner: topics, the ingest producer, the faust stream worker and the adaptation worker."""

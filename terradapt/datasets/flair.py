@@ -48,9 +48,7 @@ def discover(root: str | Path) -> dict[str, list[Path]]:
         if match:
             regions.setdefault(match.group(1), []).append(domain)
     if not regions:
-        raise FileNotFoundError(
-            f"no FLAIR domain under {root}: expected folders named D0NN_YYYY laid out as {_LAYOUT}"
-        )
+        raise FileNotFoundError(f"no FLAIR domain under {root}: expected folders named D0NN_YYYY laid out as {_LAYOUT}")
     return regions
 
 
@@ -139,7 +137,5 @@ class FlairDataset:
     def _files(self, region: str, tile_id: str) -> _TileFiles:
         tiles = self._region(region)
         if tile_id not in tiles:
-            raise KeyError(
-                f"tile {tile_id!r} not in region {region!r} ({len(tiles)} tiles under {self.root})"
-            )
+            raise KeyError(f"tile {tile_id!r} not in region {region!r} ({len(tiles)} tiles under {self.root})")
         return tiles[tile_id]

@@ -229,9 +229,7 @@ _FINE_TEX = _lut(
 )
 _CROWN_TEX = _lut({CONIFER: 0.32, DECIDUOUS: 0.25, BRUSH: 0.2, PERVIOUS: 0.08})
 #: Sensitivity to phenology, and how much a class browns towards plowed soil in the dormant season.
-_VEGETATION = _lut(
-    {PERVIOUS: 0.5, CONIFER: 0.2, DECIDUOUS: 1.2, BRUSH: 0.7, VINEYARD: 0.9, HERB: 0.8, AGRI: 1.1}
-)
+_VEGETATION = _lut({PERVIOUS: 0.5, CONIFER: 0.2, DECIDUOUS: 1.2, BRUSH: 0.7, VINEYARD: 0.9, HERB: 0.8, AGRI: 1.1})
 _BROWNING = _lut({DECIDUOUS: 0.35, VINEYARD: 0.5, HERB: 0.3, AGRI: 0.7})
 _SEASON_SHIFT = np.array([-0.06, 0.02, -0.02, 0.20], dtype=np.float32)  # greener: less red, much more NIR
 #: Height above ground (m) and its textured variation, for the elevation band.
@@ -481,7 +479,7 @@ def _urban(rng: np.random.Generator, layout: _Layout, factors: DomainFactors, ur
         free = yard & ~road_mask[rows, cols] & (labels[rows, cols] != BUILDING)
         labels[rows, cols][free] = PERVIOUS if rng.random() < 0.7 else IMPERVIOUS
         if rng.random() < 0.2 and garden > 10:  # a pool behind the house, away from the road
-            pool = (np.abs(along) < min(half_len, 10)) & (np.abs(across + side * (half_dep + garden / 2)) < 5)
+            pool = (np.abs(along) < min(half_len, 10)) & (np.abs(across - side * (half_dep + garden / 2)) < 5)
             labels[rows, cols][pool & free] = POOL
         shadow = np.zeros_like(footprint)
         dy, dx = np.sin(sun) * length, np.cos(sun) * length
@@ -495,7 +493,7 @@ def _urban(rng: np.random.Generator, layout: _Layout, factors: DomainFactors, ur
         labels[rows, cols][footprint] = BUILDING
         layout.height[rows, cols][footprint] = height
         layout.roof[rows, cols][footprint] = rng.integers(len(_ROOFS))
-        # Pitched roofs: the two slopes facing and turned away from the sun differ in brightness.
+        # Pitched roofs: the two slopes catch the sun differently, a cue (with height) that tells roofs from roads.
         layout.shade[rows, cols][footprint] = np.where(across[footprint] > 0, 1.08, 0.88)
     labels[road_mask] = IMPERVIOUS
 

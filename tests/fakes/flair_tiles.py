@@ -56,9 +56,7 @@ def write_tile(
         "count": bands,
         "dtype": dtype,
         "crs": crs,
-        "transform": Affine(
-            0.2, 0.0, ORIGIN[0], 0.0, -0.2, ORIGIN[1]
-        ),  # not from_origin: it warns under affine 3.1
+        "transform": Affine(0.2, 0.0, ORIGIN[0], 0.0, -0.2, ORIGIN[1]),  # not from_origin: it warns under affine 3.1
         "nodata": nodata,
     }
     with warnings.catch_warnings():

@@ -1,0 +1,194 @@
+"""``terradapt worker``: the faust stream worker.
+
+Consumes acquisitions (STAC items keyed by region), reads each object, predicts with the region's current model,
+writes the prediction COG, publishes predictions and features, updates the region's drift monitor, and publishes
+drift events and adaptation jobs. Everything but the bookkeeping runs in a worker thread (``run_in_executor``):
+a blocked event loop stops offset commits and triggers rebalances.
+
+Per-region state lives in changelog-backed faust tables keyed by region (the message key), so it survives
+restarts and rebalances: the monitor (its ``state_dict``), the trigger's counters and the recent tile ids.
+Delivery is at-least-once; outputs are idempotent (the prediction object key is the acquisition id, the job id
+is derived from the acquisition id), so a replay after a crash rewrites the same objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import faust
+
+from adapters.trigger import Trigger
+from monitoring.monitor import RegionMonitor
+from stream.kafka.services import Services
+from stream.pipeline import Predicted
+from terradapt.errors import InvalidPayloadError, TerradaptError
+from terradapt.records import Acquisition, DeadLetter, Record
+
+log = logging.getLogger("terradapt.worker")
+T = TypeVar("T")
+
+
+@dataclass
+class Outgoing:
+    """A record to publish: topic attribute name on Topics, key, record."""
+
+    topic: str
+    key: str
+    record: Record
+
+
+class RetryableError(Exception):
+    """A transient failure (predictor unreachable): retried with backoff, then dead-lettered."""
+
+
+class AcquisitionHandler:
+    """The body of the acquisitions agent, independent of faust (tested with plain dicts as tables)."""
+
+    def __init__(
+        self,
+        services: Services,
+        run: Callable[[Callable[[], T]], Awaitable[T]],
+        monitors: Any,
+        triggers: Any,
+        recent: Any,
+        observe: Callable[[str, str, Any], None] | None = None,
+    ) -> None:
+        self.s = services
+        self.run = run
+        self.monitors = monitors
+        self.triggers = triggers
+        self.recent = recent
+        self.observe = observe or (lambda *_: None)
+
+    def _dead(self, reason: str, error: str, payload: bytes, key: str | None) -> Outgoing:
+        self.observe("dead_letter", reason, None)
+        letter = DeadLetter(
+            topic=self.s.topics.acquisitions,
+            reason=reason,
+            error=error,
+            payload=payload.decode("utf-8", errors="replace"),
+            key=key,
+            stage="predict",
+        )
+        return Outgoing("deadletter", key or "unknown", letter)
+
+    async def _predict(self, acq: Acquisition, data: bytes) -> Predicted:
+        pipeline = self.s.pipeline
+        raster = await self.run(lambda: pipeline.read(acq, data))
+        attempts = self.s.settings.stream.predict_retries + 1
+        for attempt in range(attempts):
+            try:
+                return await self.run(lambda: pipeline.predict(acq, raster))
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                if attempt == attempts - 1:
+                    raise RetryableError(f"prediction failed after {attempts} tries: {exc}") from exc
+                await asyncio.sleep(min(2.0**attempt * 0.5, 10.0))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def handle(self, key: bytes | None, value: bytes) -> list[Outgoing]:
+        """Process one acquisition message; return what to publish (dead letters included)."""
+        skey = key.decode("utf-8", errors="replace") if key else None
+        t0 = time.perf_counter()
+        try:
+            acq = Acquisition.from_stac(value)
+        except InvalidPayloadError as exc:
+            return [self._dead(exc.reason, str(exc), value, skey)]
+        try:
+            self.s.pipeline.check_region(acq.region)
+            data = await self.run(lambda: self.s.reader.get(acq.href))
+            predicted = await self._predict(acq, data)
+        except TerradaptError as exc:
+            return [self._dead(exc.reason, str(exc), value, skey)]
+        except RetryableError as exc:
+            return [self._dead("predictor_unavailable", str(exc), value, skey)]
+        region = acq.region
+        out = [
+            Outgoing("predictions", region, predicted.prediction),
+            Outgoing("features", region, predicted.features),
+        ]
+        monitor = self._monitor(region)
+        trigger = Trigger(self.s.settings.trigger)
+        if region in self.triggers:
+            trigger.load_state_dict(json.loads(self.triggers[region]))
+        recent = [tuple(x) for x in json.loads(self.recent[region])] if region in self.recent else []
+        recent = [r for r in recent if r[0] != acq.id] + [(acq.id, acq.href)]
+        recent = recent[-self.s.settings.stream.buffer_tiles :]
+        observed = self.s.pipeline.observe(acq, predicted.features, monitor, trigger, recent)  # type: ignore[arg-type]
+        self.monitors[region] = json.dumps(monitor.state_dict()).encode()
+        self.triggers[region] = json.dumps(trigger.state_dict()).encode()
+        self.recent[region] = json.dumps(recent).encode()
+        if observed.update.newly_detected and observed.drift is not None:
+            out.append(Outgoing("drift_events", region, observed.drift))
+        if observed.job is not None:
+            out.append(Outgoing("adaptation_jobs", region, observed.job))
+        self.observe(
+            "tile",
+            region,
+            {
+                "latency_s": time.perf_counter() - t0,
+                "update": observed.update,
+                "version": predicted.prediction.model_version,
+            },
+        )
+        return out
+
+    def _monitor(self, region: str) -> RegionMonitor:
+        if region in self.monitors:
+            monitor = RegionMonitor()
+            monitor.load_state_dict(json.loads(self.monitors[region]))
+            return monitor
+        return self.s.pipeline.new_monitor()
+
+
+def create_app(services: Services, observe: Callable[[str, str, Any], None] | None = None) -> faust.App:
+    """The faust app of the stream worker (no module-level app: each call builds a fresh one)."""
+    settings = services.settings
+    app = faust.App(
+        f"{settings.stream.app_id}-worker",
+        broker=f"kafka://{settings.kafka.bootstrap}",
+        store="memory://",
+        topic_partitions=settings.kafka.partitions,
+        topic_allow_declare=True,
+        topic_disable_leader=True,
+        web_enabled=False,
+        processing_guarantee="at_least_once",
+        broker_commit_every=1,
+        broker_session_timeout=30.0,
+        producer_acks=-1,
+    )
+    topics = services.topics
+    src = app.topic(topics.acquisitions, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions)
+    sinks = {
+        name: app.topic(getattr(topics, name), key_type=bytes, value_type=bytes)
+        for name in ("predictions", "features", "drift_events", "adaptation_jobs", "deadletter")
+    }
+    tables = {
+        name: app.Table(name, default=None, key_type=str, value_type=bytes, partitions=settings.kafka.partitions)
+        for name in ("monitors", "triggers", "recent")
+    }
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="terradapt-compute")
+
+    async def run(fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn)
+
+    handler = AcquisitionHandler(
+        services, run, tables["monitors"], tables["triggers"], tables["recent"], observe=observe
+    )
+
+    @app.agent(src)
+    async def acquisitions(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            key = event.message.key
+            for out in await handler.handle(key, event.value):
+                await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
+            log.info("processed %s", key)
+
+    app.handler = handler  # type: ignore[attr-defined]
+    return app
