@@ -98,8 +98,9 @@ class MetricsServer:
 def serve(registry: CollectorRegistry, port: int = 0, addr: str = "127.0.0.1") -> MetricsServer:
     """Serve ``registry`` on ``http://addr:port/metrics`` from a daemon thread.
 
-    The HTTP server is imported here rather than at module level so that importing the metrics (every worker does)
-    does not pull in the exposition server. ``port=0`` picks a free port, read back from the returned handle.
+    Nothing listens until this is called: importing the module or building :class:`ServiceMetrics` opens no port,
+    so tests and one-shot commands can record metrics without serving them. ``port=0`` picks a free port, read
+    back from the returned handle.
 
     Args:
         registry: The registry to expose (the one given to :class:`ServiceMetrics`).

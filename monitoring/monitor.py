@@ -80,8 +80,23 @@ class MonitorUpdate:
 
     @property
     def covariate_shift(self) -> bool:
-        """Whether a covariate signal fired (adaptation may help)."""
-        return any(s in COVARIATE_SIGNALS for s in self.fired)
+        """Whether the evidence points at covariate shift (adaptation may help).
+
+        A covariate signal must have fired *and* be at least as strong (score/threshold) as the prediction
+        signal: class-conditional radiometry is not perfectly blind to the class mix (misclassified pixels leak
+        into it), so under a strong label shift it can cross its threshold while the prediction signal is far
+        stronger.
+        """
+        fired = [s for s in self.fired if s in COVARIATE_SIGNALS]
+        if not fired:
+            return False
+        strongest = max(self.ratio(s) for s in fired)
+        return "prediction" not in self.scores or strongest >= self.ratio("prediction")
+
+    def ratio(self, signal: str) -> float:
+        """score / threshold of one signal (1.0 = at threshold)."""
+        t = self.thresholds[signal]
+        return self.scores[signal] / t if t > 0 else 0.0
 
     @property
     def max_ratio(self) -> float:

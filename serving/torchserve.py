@@ -339,7 +339,10 @@ class TorchServeClient:
             return {}
         with self._keys_lock:
             if not self._keys:
-                self._keys = read_keys(self.config.key_file)
+                # A (re)starting TorchServe has no key file yet: send without a token; the connection error is
+                # retried, and a refusal from a server that is up re-reads the file (which then exists).
+                with contextlib.suppress(TorchServeAuthError):
+                    self._keys = read_keys(self.config.key_file)
             key = self._keys.get(api)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
@@ -544,7 +547,8 @@ class TorchServeDeployer:
         """Register, shadow-check, promote, post-check (rolling back on failure) and prune; one region at a time.
 
         Returns:
-            The decisive event: PROMOTED, SHADOW_FAILED (candidate unregistered, alias untouched) or ROLLED_BACK.
+            The decisive event: PROMOTED, SHADOW_FAILED (candidate unregistered, alias untouched) or ROLLED_BACK
+            (previous version default again, alias moved back, candidate unregistered).
 
         Raises:
             TorchServeUnavailableError: TorchServe unreachable (the alias is only moved after set-default worked).
@@ -571,6 +575,7 @@ class TorchServeDeployer:
             problems = self._post_check(region, version, tiles, canary)
             if problems:
                 self._promote(region, current, version)
+                self._discard(region, version)  # judged bad: free its worker; the registry keeps the weights
                 detail = "post-rollout check failed: " + "; ".join(problems)
                 return self._event(region, current, RolloutStep.ROLLED_BACK, version, detail)
             self.prune(region)

@@ -27,7 +27,7 @@ class KafkaConfig(StrictModel):
     bootstrap: str = "127.0.0.1:19092"
     topic_prefix: str = "terradapt."
     partitions: int = Field(default=4, ge=1)
-    consumer_group: str = "terradapt-worker"
+    session_timeout_s: float = Field(default=10.0, ge=6.0, description="a dead worker's partitions move after this")
 
 
 class S3Config(StrictModel):

@@ -50,6 +50,8 @@ class AdaptWorker:
             auto_offset_reset="earliest",
             max_poll_records=1,
             max_poll_interval_ms=30 * 60 * 1000,
+            session_timeout_ms=int(kafka.session_timeout_s * 1000),
+            heartbeat_interval_ms=int(min(3.0, kafka.session_timeout_s / 3) * 1000),
             client_id="terradapt-adapt-worker",
         )
         self.producer = producer or make_producer(kafka.bootstrap)

@@ -160,7 +160,8 @@ def create_app(services: Services, observe: Callable[[str, str, Any], None] | No
         web_enabled=False,
         processing_guarantee="at_least_once",
         broker_commit_every=1,
-        broker_session_timeout=30.0,
+        broker_session_timeout=settings.kafka.session_timeout_s,
+        broker_heartbeat_interval=min(3.0, settings.kafka.session_timeout_s / 3),
         producer_acks=-1,
     )
     topics = services.topics

@@ -165,9 +165,16 @@ def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 16) -> dict[
     demo._acquisitions = acquisitions
     try:
         cfg = demo.DemoConfig(
-            tile_size=64, train_tiles=4, calibration_tiles=16, stream_tiles=stream_tiles, eval_tiles=2,
-            train_steps=10, base_channels=4,
-            workdir=root / "work", cache_dir=root / "cache", report_dir=root / "report",
+            tile_size=64,
+            train_tiles=4,
+            calibration_tiles=16,
+            stream_tiles=stream_tiles,
+            eval_tiles=2,
+            train_steps=10,
+            base_channels=4,
+            workdir=root / "work",
+            cache_dir=root / "cache",
+            report_dir=root / "report",
         )
         result = demo.run_demo(cfg, on_tile=on_tile)
     finally:
