@@ -21,6 +21,7 @@ import contextlib
 import os
 import platform
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -213,6 +214,10 @@ def run(args: argparse.Namespace) -> Results:
         client.close()
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, check=False, timeout=120)
+        if args.keep:
+            print(f"kept {work} (TorchServe logs in run/logs)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     results.load_after = load_average()
     return results
 
@@ -277,6 +282,7 @@ def main() -> None:
     parser.add_argument("--base-channels", type=int, default=16)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary registry, model store and logs")
     args = parser.parse_args()
     info = machine()
     section = render(args, run(args), info)

@@ -67,7 +67,7 @@ class AcquisitionHandler:
         self.recent = recent
         self.observe = observe or (lambda *_: None)
 
-    def _dead(self, reason: str, error: str, payload: bytes, key: str | None) -> Outgoing:
+    def dead(self, reason: str, error: str, payload: bytes, key: str | None) -> Outgoing:
         self.observe("dead_letter", reason, None)
         letter = DeadLetter(
             topic=self.s.topics.acquisitions,
@@ -99,15 +99,15 @@ class AcquisitionHandler:
         try:
             acq = Acquisition.from_stac(value)
         except InvalidPayloadError as exc:
-            return [self._dead(exc.reason, str(exc), value, skey)]
+            return [self.dead(exc.reason, str(exc), value, skey)]
         try:
             self.s.pipeline.check_region(acq.region)
             data = await self.run(lambda: self.s.reader.get(acq.href))
             predicted = await self._predict(acq, data)
         except TerradaptError as exc:
-            return [self._dead(exc.reason, str(exc), value, skey)]
+            return [self.dead(exc.reason, str(exc), value, skey)]
         except RetryableError as exc:
-            return [self._dead("predictor_unavailable", str(exc), value, skey)]
+            return [self.dead("predictor_unavailable", str(exc), value, skey)]
         region = acq.region
         out = [
             Outgoing("predictions", region, predicted.prediction),
@@ -163,6 +163,8 @@ def create_app(services: Services, observe: Callable[[str, str, Any], None] | No
         broker_session_timeout=settings.kafka.session_timeout_s,
         broker_heartbeat_interval=min(3.0, settings.kafka.session_timeout_s / 3),
         producer_acks=-1,
+        key_serializer="raw",
+        value_serializer="raw",
     )
     topics = services.topics
     src = app.topic(topics.acquisitions, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions)
@@ -186,8 +188,13 @@ def create_app(services: Services, observe: Callable[[str, str, Any], None] | No
     @app.agent(src)
     async def acquisitions(stream: faust.StreamT[bytes]) -> None:
         async for event in stream.events():
-            key = event.message.key
-            for out in await handler.handle(key, event.value):
+            key, value = event.message.key, event.message.value
+            try:
+                outgoing = await handler.handle(key, value)
+            except Exception as exc:  # never lose a message to a bug: dead-letter it with the error
+                log.exception("unexpected error on %s", key)
+                outgoing = [handler.dead("internal_error", repr(exc), value, key.decode() if key else None)]
+            for out in outgoing:
                 await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
             log.info("processed %s", key)
 
