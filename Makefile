@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 SERVICES := bash deploy/local/services.sh
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: install demo test test-unit lint services-install services-up services-down bench clean
+.PHONY: install demo test test-unit lint system-deps services-install services-up services-down services-status \
+	torchserve-up torchserve-down docs bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +21,9 @@ demo: install
 	$(VENV)/bin/terradapt demo
 
 ## make test: install, provision + start the real services, run every test, stop the services
+## (TorchServe and Prometheus tests start their own servers on free loopback ports)
 test: install services-install
-	@$(SERVICES) up kafka minio prometheus; \
+	@$(SERVICES) up kafka minio; \
 	eval "$$($(SERVICES) env)"; status=0; \
 	$(PY) -m pytest $(PYTEST_ARGS) || status=$$?; \
 	$(SERVICES) down; exit $$status
@@ -34,7 +36,12 @@ lint: install
 	$(VENV)/bin/ruff format --check terradapt stream serving adapters monitoring tests bench
 	$(VENV)/bin/mypy
 
-services-install:
+## Debian packages the tests use: headless Chromium (dashboard screenshot); Prometheus comes with services-install
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+services-install: system-deps
 	$(SERVICES) install all
 
 services-up: services-install
@@ -42,6 +49,18 @@ services-up: services-install
 
 services-down:
 	$(SERVICES) down
+
+services-status:
+	$(SERVICES) status
+
+torchserve-up: install
+	bash deploy/torchserve/torchserve.sh start
+
+torchserve-down:
+	bash deploy/torchserve/torchserve.sh stop
+
+docs: install system-deps
+	TERRADAPT_WRITE_DOCS=1 $(PY) -m pytest -m docs tests/test_dashboard.py
 
 bench: install
 	$(PY) bench/serving.py

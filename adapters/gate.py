@@ -61,9 +61,63 @@ def _predict(model: UNet, tiles: torch.Tensor, batch: int = 4) -> tuple[torch.Te
     return torch.cat(maps), torch.cat(ents)
 
 
-def _shares(maps: torch.Tensor, k: int) -> npt.NDArray[np.float64]:
-    counts = torch.bincount(maps.flatten(), minlength=k).double()
-    return (counts / counts.sum()).cpu().numpy()
+def judge(
+    candidate_maps: Sequence[npt.NDArray[np.integer]],
+    candidate_entropy: Sequence[float],
+    current_maps: Sequence[npt.NDArray[np.integer]],
+    current_entropy: Sequence[float],
+    num_classes: int,
+    config: GateConfig,
+    masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
+    reference: Sequence[float] | None = None,
+) -> GateResult:
+    """The gate's decision from two versions' class maps and per-tile entropies on the same tiles.
+
+    Shared by ``Gate.check`` (in-process models, before publication) and the TorchServe shadow check (the
+    outputs a server actually returns), so both judge with the same rules and thresholds.
+    """
+    if not candidate_maps or len(candidate_maps) != len(current_maps):
+        raise ValueError(f"need the same non-zero number of maps, got {len(candidate_maps)} and {len(current_maps)}")
+    cand_all = np.concatenate([np.asarray(m).ravel() for m in candidate_maps])
+    cur_all = np.concatenate([np.asarray(m).ravel() for m in current_maps])
+    cand_shares = np.bincount(cand_all, minlength=num_classes)[:num_classes] / cand_all.size
+    cur_shares = np.bincount(cur_all, minlength=num_classes)[:num_classes] / cur_all.size
+    m: dict[str, float] = {
+        "entropy_candidate": float(np.mean(candidate_entropy)),
+        "entropy_current": float(np.mean(current_entropy)),
+        "agreement": float(np.mean(cand_all == cur_all)),
+        "class_tv": float(0.5 * np.abs(cand_shares - cur_shares).sum()),
+        "max_class_share": float(cand_shares.max()),
+        "tiles": float(len(candidate_maps)),
+    }
+    reasons: list[str] = []
+    if m["entropy_candidate"] < config.min_entropy_ratio * m["entropy_current"]:
+        reasons.append(
+            f"entropy collapse: {m['entropy_candidate']:.3f} < {config.min_entropy_ratio} x {m['entropy_current']:.3f}"
+        )
+    if m["max_class_share"] > config.max_class_share and cur_shares.max() <= config.max_class_share:
+        reasons.append(f"class collapse: one class covers {m['max_class_share']:.0%} of pixels")
+    toward_reference = False
+    if reference is not None and len(reference) == num_classes:
+        target = np.asarray(reference, dtype=np.float64)
+        m["tv_candidate_to_reference"] = float(0.5 * np.abs(cand_shares - target).sum())
+        m["tv_current_to_reference"] = float(0.5 * np.abs(cur_shares - target).sum())
+        toward_reference = m["tv_candidate_to_reference"] < m["tv_current_to_reference"]
+    # a big change is a repair, not a risk, when it brings the class mix toward the reference mix
+    if m["class_tv"] > config.max_class_tv and not toward_reference:
+        reasons.append(f"class distribution jump: TV {m['class_tv']:.3f} > {config.max_class_tv}")
+    if m["agreement"] < config.min_agreement and not toward_reference:
+        reasons.append(f"low agreement with current model: {m['agreement']:.2f} < {config.min_agreement}")
+    labelled = [i for i, mk in enumerate(masks or []) if mk is not None]
+    if labelled and masks is not None:
+        truth = np.concatenate([np.asarray(masks[i]).ravel() for i in labelled])
+        cand_l = np.concatenate([np.asarray(candidate_maps[i]).ravel() for i in labelled])
+        cur_l = np.concatenate([np.asarray(current_maps[i]).ravel() for i in labelled])
+        m["miou_candidate"] = miou(confusion_matrix(cand_l, truth, num_classes, IGNORE_INDEX))
+        m["miou_current"] = miou(confusion_matrix(cur_l, truth, num_classes, IGNORE_INDEX))
+        if m["miou_candidate"] < m["miou_current"] - config.max_miou_drop:
+            reasons.append(f"labelled mIoU drop: {m['miou_candidate']:.3f} < {m['miou_current']:.3f}")
+    return GateResult(accepted=not reasons, reasons=tuple(reasons), metrics=m)
 
 
 class Gate:
@@ -81,42 +135,15 @@ class Gate:
         reference: Sequence[float] | None = None,
     ) -> GateResult:
         """Compare candidate and current model on the region's recent tiles (N, C, H, W)."""
-        cfg = self.config
-        k = candidate.config.num_classes
         cand_maps, cand_ent = _predict(candidate, tiles)
         cur_maps, cur_ent = _predict(current, tiles)
-        cand_shares, cur_shares = _shares(cand_maps, k), _shares(cur_maps, k)
-        m: dict[str, float] = {
-            "entropy_candidate": float(cand_ent.mean()),
-            "entropy_current": float(cur_ent.mean()),
-            "agreement": float((cand_maps == cur_maps).double().mean()),
-            "class_tv": float(0.5 * np.abs(cand_shares - cur_shares).sum()),
-            "max_class_share": float(cand_shares.max()),
-        }
-        reasons: list[str] = []
-        if m["entropy_candidate"] < cfg.min_entropy_ratio * m["entropy_current"]:
-            reasons.append(
-                f"entropy collapse: {m['entropy_candidate']:.3f} < {cfg.min_entropy_ratio} x {m['entropy_current']:.3f}"
-            )
-        if m["max_class_share"] > cfg.max_class_share and cur_shares.max() <= cfg.max_class_share:
-            reasons.append(f"class collapse: one class covers {m['max_class_share']:.0%} of pixels")
-        toward_reference = False
-        if reference is not None and len(reference) == k:
-            target = np.asarray(reference, dtype=np.float64)
-            m["tv_candidate_to_reference"] = float(0.5 * np.abs(cand_shares - target).sum())
-            m["tv_current_to_reference"] = float(0.5 * np.abs(cur_shares - target).sum())
-            toward_reference = m["tv_candidate_to_reference"] < m["tv_current_to_reference"]
-        # a big change is a repair, not a risk, when it brings the class mix toward the reference mix
-        if m["class_tv"] > cfg.max_class_tv and not toward_reference:
-            reasons.append(f"class distribution jump: TV {m['class_tv']:.3f} > {cfg.max_class_tv}")
-        if m["agreement"] < cfg.min_agreement and not toward_reference:
-            reasons.append(f"low agreement with current model: {m['agreement']:.2f} < {cfg.min_agreement}")
-        labelled = [(i, mk) for i, mk in enumerate(masks or []) if mk is not None]
-        if labelled:
-            idx = [i for i, _ in labelled]
-            truth = np.stack([mk for _, mk in labelled])
-            m["miou_candidate"] = miou(confusion_matrix(cand_maps[idx].cpu().numpy(), truth, k, IGNORE_INDEX))
-            m["miou_current"] = miou(confusion_matrix(cur_maps[idx].cpu().numpy(), truth, k, IGNORE_INDEX))
-            if m["miou_candidate"] < m["miou_current"] - cfg.max_miou_drop:
-                reasons.append(f"labelled mIoU drop: {m['miou_candidate']:.3f} < {m['miou_current']:.3f}")
-        return GateResult(accepted=not reasons, reasons=tuple(reasons), metrics=m)
+        return judge(
+            list(cand_maps.cpu().numpy()),
+            cand_ent.cpu().tolist(),
+            list(cur_maps.cpu().numpy()),
+            cur_ent.cpu().tolist(),
+            candidate.config.num_classes,
+            self.config,
+            masks,
+            reference,
+        )

@@ -167,10 +167,7 @@ class MeanShiftDetector:
         pooled = np.concatenate(stats)
         self._mean, self._proj = self._fit_reference(np.concatenate([a, b]))
         k = self._proj.shape[1]
-        scale = max(
-            [1.0]
-            + [float(np.quantile(pooled, q)) / (_chi2_quantile(q, k) / k) for q in (0.5, 0.9, 0.975)]
-        )
+        scale = max([1.0] + [float(np.quantile(pooled, q)) / (_chi2_quantile(q, k) / k) for q in (0.5, 0.9, 0.975)])
         self._threshold = scale * _chi2_quantile(1.0 - 1.0 / self.config.ert, k) / k
         self.reset()
 

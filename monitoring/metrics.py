@@ -59,6 +59,18 @@ DEAD_LETTER_REASONS: Final = (
     "checksum_mismatch",
     "unknown_name",
     "error",
+    # serving errors (serving.torchserve, serving.codec, serving.packaging)
+    "storage_unavailable",
+    "torchserve_error",
+    "torchserve_unavailable",
+    "torchserve_auth",
+    "torchserve_conflict",
+    "packaging_failed",
+    # runner-level reasons (not TerradaptError subclasses)
+    "predictor_unavailable",
+    "internal_error",
+    "adaptation_failed",
+    "no_tiles",
     OTHER,
 )
 

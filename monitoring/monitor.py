@@ -56,7 +56,8 @@ def _features_to_dict(f: TileFeatures) -> dict[str, Any]:
 
 
 def _features_from_dict(d: dict[str, Any]) -> TileFeatures:
-    return TileFeatures(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in d.items()})
+    values: dict[str, Any] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in d.items()}
+    return TileFeatures(**values)
 
 
 class MonitorConfig(StrictModel):
@@ -94,7 +95,7 @@ class MonitorUpdate:
         return "prediction" not in self.scores or strongest >= self.ratio("prediction")
 
     def ratio(self, signal: str) -> float:
-        """score / threshold of one signal (1.0 = at threshold)."""
+        """Score / threshold of one signal (1.0 = at threshold)."""
         t = self.thresholds[signal]
         return self.scores[signal] / t if t > 0 else 0.0
 

@@ -34,14 +34,12 @@ from affine import Affine
 from pydantic import Field
 
 from adapters.buffer import BufferedTile
-from adapters.gate import GateConfig, GateResult
+from adapters.gate import GateConfig, GateResult, judge
 from serving.codec import HandlerConfig, decode_prediction
 from serving.packaging import archive_url, model_name, package_version, remove_archive
 from serving.predictor import TileOutput
 from serving.registry import ModelRegistry
-from terradapt.classes import IGNORE_INDEX
 from terradapt.errors import ModelVersionNotFoundError, TerradaptError
-from terradapt.metrics import confusion_matrix, miou
 from terradapt.raster import Raster, raster_to_geotiff_bytes
 from terradapt.records import RolloutEvent, RolloutStep
 from terradapt.settings import StrictModel, TorchServeConfig
@@ -430,46 +428,16 @@ def compare_outputs(
     """
     if not candidate or len(candidate) != len(current):
         raise ValueError(f"need the same non-zero number of outputs, got {len(candidate)} and {len(current)}")
-    cand_maps = [o.class_map.ravel() for o in candidate]
-    cur_maps = [o.class_map.ravel() for o in current]
-    cand_all, cur_all = np.concatenate(cand_maps), np.concatenate(cur_maps)
-    cand_shares = np.bincount(cand_all, minlength=num_classes)[:num_classes] / cand_all.size
-    cur_shares = np.bincount(cur_all, minlength=num_classes)[:num_classes] / cur_all.size
-    m: dict[str, float] = {
-        "entropy_candidate": float(np.mean([o.features.mean_entropy for o in candidate])),
-        "entropy_current": float(np.mean([o.features.mean_entropy for o in current])),
-        "agreement": float(np.mean(cand_all == cur_all)),
-        "class_tv": float(0.5 * np.abs(cand_shares - cur_shares).sum()),
-        "max_class_share": float(cand_shares.max()),
-        "tiles": float(len(candidate)),
-    }
-    reasons: list[str] = []
-    if m["entropy_candidate"] < config.min_entropy_ratio * m["entropy_current"]:
-        reasons.append(
-            f"entropy collapse: {m['entropy_candidate']:.3f} < {config.min_entropy_ratio} x {m['entropy_current']:.3f}"
-        )
-    if m["max_class_share"] > config.max_class_share and cur_shares.max() <= config.max_class_share:
-        reasons.append(f"class collapse: one class covers {m['max_class_share']:.0%} of pixels")
-    toward_reference = False
-    if reference is not None and len(reference) == num_classes:
-        target = np.asarray(reference, dtype=np.float64)
-        m["tv_candidate_to_reference"] = float(0.5 * np.abs(cand_shares - target).sum())
-        m["tv_current_to_reference"] = float(0.5 * np.abs(cur_shares - target).sum())
-        toward_reference = m["tv_candidate_to_reference"] < m["tv_current_to_reference"]
-    if m["class_tv"] > config.max_class_tv and not toward_reference:
-        reasons.append(f"class distribution jump: TV {m['class_tv']:.3f} > {config.max_class_tv}")
-    if m["agreement"] < config.min_agreement and not toward_reference:
-        reasons.append(f"low agreement with current model: {m['agreement']:.2f} < {config.min_agreement}")
-    labelled = [i for i, mk in enumerate(masks or []) if mk is not None]
-    if labelled and masks is not None:
-        truth = np.concatenate([np.asarray(masks[i]).ravel() for i in labelled])
-        cand_l = np.concatenate([cand_maps[i] for i in labelled])
-        cur_l = np.concatenate([cur_maps[i] for i in labelled])
-        m["miou_candidate"] = miou(confusion_matrix(cand_l, truth, num_classes, IGNORE_INDEX))
-        m["miou_current"] = miou(confusion_matrix(cur_l, truth, num_classes, IGNORE_INDEX))
-        if m["miou_candidate"] < m["miou_current"] - config.max_miou_drop:
-            reasons.append(f"labelled mIoU drop: {m['miou_candidate']:.3f} < {m['miou_current']:.3f}")
-    return GateResult(accepted=not reasons, reasons=tuple(reasons), metrics=m)
+    return judge(
+        [o.class_map for o in candidate],
+        [o.features.mean_entropy for o in candidate],
+        [o.class_map for o in current],
+        [o.features.mean_entropy for o in current],
+        num_classes,
+        config,
+        masks,
+        reference,
+    )
 
 
 # -- deployer ---------------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ def demo(
     ] = "synthetic",
     config: Annotated[Path | None, typer.Option(help="TOML file with DemoConfig keys")] = None,
     quick: Annotated[bool, typer.Option(help="tiny configuration (tests, smoke runs)")] = False,
+    metrics_port: Annotated[int, typer.Option(help="serve Prometheus /metrics on this loopback port (0 = off)")] = 0,
 ) -> None:
     """Run the whole loop on embedded defaults: stream, detect drift, adapt, gate, deploy, report."""
     import torch
@@ -88,7 +89,15 @@ def demo(
         def on_stage(name: str) -> None:
             progress.console.log(name)
 
-        result = run_demo(cfg, on_train=on_train, on_tile=on_tile, on_stage=on_stage)
+        metrics = None
+        if metrics_port:
+            from prometheus_client import CollectorRegistry
+
+            from monitoring.metrics import ServiceMetrics
+
+            metrics = ServiceMetrics(CollectorRegistry())
+            metrics.serve(metrics_port)
+        result = run_demo(cfg, on_train=on_train, on_tile=on_tile, on_stage=on_stage, metrics=metrics)
     table = Table(title="terradapt demo: per-region results")
     for col in (
         "region",
@@ -115,6 +124,7 @@ def demo(
             f"{100 * (r.miou_current or 0):.1f}",
         )
     _console().print(table)
+    _console().print("dashboard: terradapt dashboard --state " + str(cfg.report_dir / "state.json"))
     _console().print(
         f"source model {'loaded from cache' if result.cached_model else 'trained'}; "
         f"dead letters: {len(result.run.dead_letters)}; report: {result.report}"
@@ -352,6 +362,7 @@ def worker(config: ConfigOption = None) -> None:
     assert isinstance(settings, Settings)
     services = build_services(settings)
     ensure_topics(settings.kafka, services.topics)
+    services.serve_metrics()
     faust_app = create_app(services)
     faust.Worker(faust_app, loglevel="INFO").execute_from_commandline()
 
@@ -371,7 +382,23 @@ def adapt_worker(config: ConfigOption = None) -> None:
     assert isinstance(settings, Settings)
     services = build_services(settings)
     ensure_topics(settings.kafka, services.topics)
+    services.serve_metrics()
     run_forever(AdaptWorker(services))
+
+
+@app.command()
+def dashboard(
+    state: Annotated[Path, typer.Option(help="state file written by a run (make demo: report/state.json)")] = Path(
+        "report/state.json"
+    ),
+    host: Annotated[str, typer.Option(help="bind address (no authentication: keep loopback)")] = "127.0.0.1",
+    port: int = 8765,
+) -> None:
+    """Serve the built-in dashboard: drift map of departements, drift timelines, versions, rollouts, accuracy."""
+    from monitoring.dashboard import run_dashboard
+
+    _console().print(f"dashboard on http://{host}:{port}/ (state: {state}); Ctrl-C to stop")
+    run_dashboard(state, host, port)
 
 
 @app.command()

@@ -22,6 +22,8 @@ from pydantic import Field
 
 from adapters.job import AdaptationConfig
 from adapters.trigger import TriggerConfig
+from monitoring.dashboard import dashboard_state, write_state
+from monitoring.metrics import ServiceMetrics
 from monitoring.monitor import MonitorConfig
 from serving.predictor import InProcessPredictor
 from serving.registry import ModelRegistry
@@ -269,6 +271,7 @@ def run_demo(
     on_train: Callable[[int, float], None] | None = None,
     on_tile: Callable[[TileLog], None] | None = None,
     on_stage: Callable[[str], None] | None = None,
+    metrics: ServiceMetrics | None = None,
 ) -> DemoResult:
     """Run the whole loop and write the report."""
     stage = on_stage or (lambda _: None)
@@ -295,6 +298,7 @@ def run_demo(
         spec=sc.spec,
         regions=frozenset(sc.streams),
         predictions=FileSystemStore(cfg.workdir / "predictions"),
+        metrics=metrics,
     )
     runner = EmbeddedRunner(pipeline, trigger=cfg.trigger, on_tile=on_tile)
     stage("streaming acquisitions")
@@ -326,5 +330,7 @@ def run_demo(
                 cur_eval.miou,
             )
         )
-    report = write_report(cfg.report_dir, result, rows, f"terradapt demo - {sc.name}")
+    title = f"terradapt demo - {sc.name}"
+    report = write_report(cfg.report_dir, result, rows, title)
+    write_state(dashboard_state(result, registry, rows=rows, title=title), cfg.report_dir / "state.json")
     return DemoResult(rows, result, report, cached)

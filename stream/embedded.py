@@ -7,6 +7,7 @@ has them, are joined after prediction to measure per-region, per-version accurac
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -100,9 +101,11 @@ class EmbeddedRunner:
     def step(self, item: StreamItem) -> None:
         """One acquisition through every stage."""
         acq = item.acquisition
+        started = time.perf_counter()
         try:
             raster = self.pipeline.read(acq, item.data)
         except TerradaptError as exc:
+            self.pipeline.rejected(acq.region, exc, started)
             self.result.dead_letters.append(
                 DeadLetter(topic="acquisitions", reason=exc.reason, error=str(exc), payload=acq.to_json().decode())
             )
@@ -135,6 +138,7 @@ class EmbeddedRunner:
             observed.update.fired,
         )
         self.result.tiles.append(log)
+        self.pipeline.done(acq.region, started)
         if self.on_tile is not None:
             self.on_tile(log)
         if observed.job is not None:

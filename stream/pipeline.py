@@ -24,12 +24,13 @@ from adapters.gate import GateResult
 from adapters.job import AdaptationConfig, run_adaptation
 from adapters.trigger import Trigger, TriggerDecision
 from monitoring.features import TileFeatures
+from monitoring.metrics import ServiceMetrics
 from monitoring.monitor import MonitorConfig, MonitorUpdate, RegionMonitor
 from serving.predictor import Predictor, TileOutput
 from serving.registry import ModelRegistry
 from serving.rollout import Deployer
 from serving.store import BlobStore
-from terradapt.errors import UnknownRegionError
+from terradapt.errors import TerradaptError, UnknownRegionError
 from terradapt.raster import Raster, RasterSpec, read_raster, write_cog
 from terradapt.records import (
     Acquisition,
@@ -119,6 +120,7 @@ class Pipeline:
     spec: RasterSpec = field(default_factory=RasterSpec.flair)
     regions: frozenset[str] | None = None
     predictions: BlobStore | None = None
+    metrics: ServiceMetrics | None = None
     _calibration: dict[str, Any] | None = None
 
     # -- read ------------------------------------------------------------------------------------------------
@@ -129,8 +131,26 @@ class Pipeline:
 
     def read(self, acq: Acquisition, data: bytes | str) -> Raster:
         """Validate region and raster (typed errors name the bad field)."""
+        t0 = time.perf_counter()
         self.check_region(acq.region)
-        return self.read_data(data)
+        raster = self.read_data(data)
+        if self.metrics is not None:
+            self.metrics.observe_stage("read", time.perf_counter() - t0)
+        return raster
+
+    def rejected(self, acq_region: str | None, error: TerradaptError | str, started: float) -> None:
+        """Account for an acquisition that ends as a dead letter (metrics only; the runner publishes it)."""
+        if self.metrics is None:
+            return
+        reason = error if isinstance(error, str) else error.reason
+        self.metrics.observe_dead_letter(reason)
+        if acq_region is not None:
+            self.metrics.observe_tile(acq_region, time.perf_counter() - started, "dead_letter")
+
+    def done(self, region: str, started: float) -> None:
+        """Account for an acquisition that went through every stage."""
+        if self.metrics is not None:
+            self.metrics.observe_tile(region, time.perf_counter() - started, "ok")
 
     def read_data(self, data: bytes | str) -> Raster:
         """Read and validate a raster against the configured spec."""
@@ -156,6 +176,9 @@ class Pipeline:
             mean_entropy=f.mean_entropy,
             latency_s=latency,
         )
+        if self.metrics is not None:
+            self.metrics.observe_stage("predict", latency)
+            self.metrics.observe_prediction(acq.region, out.version, f.mean_confidence)
         return Predicted(raster, out, prediction, feature_record(acq, f, out.version))
 
     # -- monitor + trigger -----------------------------------------------------------------------------------
@@ -185,6 +208,7 @@ class Pipeline:
         ``recent`` lists the region's buffered tiles as (acquisition id, object href): the job carries them so
         the adaptation worker can fetch the same tiles.
         """
+        t0 = time.perf_counter()
         update = monitor.update(features_from_record(features), features.model_version)
         trigger.observe(acq.region)
         drift = None
@@ -218,21 +242,41 @@ class Pipeline:
                 tile_hrefs=tuple(h for _, h in recent),
                 trigger=drift,
             )
+        if self.metrics is not None:
+            self.metrics.observe_stage("observe", time.perf_counter() - t0)
+            self.metrics.observe_drift(
+                acq.region, update.scores, update.thresholds, update.fired, newly_detected=update.newly_detected
+            )
         return Observed(update, drift, decision, job)
 
     # -- adapt + gate + publish ------------------------------------------------------------------------------
     def adapt(self, job: AdaptationJob, tiles: Sequence[BufferedTile]) -> Adapted:
         """Adapt the job's base version on ``tiles``, gate it, publish it (rejected versions are kept, flagged)."""
-        base, manifest = self.registry.load(job.region, job.base_version)
-        outcome = run_adaptation(job, base, manifest, tiles, self.adaptation)
-        version = self.registry.publish(outcome.weights, outcome.manifest)
+        t0 = time.perf_counter()
+        try:
+            base, manifest = self.registry.load(job.region, job.base_version)
+            outcome = run_adaptation(job, base, manifest, tiles, self.adaptation)
+            version = self.registry.publish(outcome.weights, outcome.manifest)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.observe_adaptation(job.region, job.method, "failed", time.perf_counter() - t0)
+            raise
+        if self.metrics is not None:
+            elapsed = time.perf_counter() - t0
+            if outcome.gate.accepted:
+                self.metrics.observe_adaptation(job.region, job.method, "accepted", elapsed)
+            else:
+                self.metrics.observe_adaptation(job.region, job.method, "rejected", elapsed)
         return Adapted(version, outcome.gate)
 
     def deploy(self, version: ModelVersion) -> RolloutEvent | None:
         """Roll an accepted version out; rejected versions are never deployed."""
         if not version.accepted:
             return None
-        return self.deployer.rollout(version.region, version.version)
+        event = self.deployer.rollout(version.region, version.version)
+        if self.metrics is not None:
+            self.metrics.observe_rollout(event)
+        return event
 
 
 def calibrate_monitor(

@@ -49,6 +49,7 @@ class TorchServeConfig(StrictModel):
     management_url: str = "http://127.0.0.1:18081"
     metrics_url: str = "http://127.0.0.1:18082"
     key_file: Path | None = None
+    model_store: Path | None = Field(default=None, description="TorchServe's model store (archives written there)")
     timeout_s: float = 30.0
     retries: int = Field(default=3, ge=0)
 

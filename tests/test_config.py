@@ -34,5 +34,13 @@ def test_unknown_or_bad_env_keys_are_rejected(monkeypatch, env, message):
 def test_unknown_key_in_file_is_rejected(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text("[monitor]\nert = 500\nwindoww = 3\n")
-    with pytest.raises(ConfigError, match="monitor.windoww"):
+    with pytest.raises(ConfigError, match=r"monitor\.windoww"):
         load_settings(cfg)
+
+
+def test_shipped_config_files_load(monkeypatch):
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parents[1].glob("deploy/config/*.toml")):
+        settings = load_settings(path)
+        assert settings.kafka.bootstrap.startswith("127.0.0.1")

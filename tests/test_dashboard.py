@@ -36,7 +36,6 @@ from terradapt.records import DeadLetter, DriftEvent, ModelVersion, RolloutEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOJSON = default_geojson_path()
-needs_geojson = pytest.mark.skipif(not GEOJSON.exists(), reason=f"departement boundaries not found at {GEOJSON}")
 SIGNALS = ("radiometry", "deep", "batchnorm", "prediction")
 K = 13
 
@@ -183,7 +182,6 @@ def _paths(page: str) -> dict[str, dict[str, str]]:
     return out
 
 
-@needs_geojson
 def test_page_colours_departements_by_drift(state_file):
     app = create_app(state_file)
     r = app.handle("GET", "/")
@@ -252,7 +250,6 @@ def test_geojson_override_and_escaping(tmp_path, monkeypatch):
     assert "<b>13</b>" not in page
 
 
-@needs_geojson
 def test_server_on_loopback_rereads_the_state(tmp_path, state_file):
     app = create_app(state_file)
     server = serve(app, port=0)
@@ -323,8 +320,6 @@ def assert_looks_like_the_dashboard(png: Path) -> None:
     assert sum(present(c) for _, c, _ in DRIFT_SCALE) >= 2  # with drift colours
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
-@needs_geojson
 def test_screenshot_in_headless_chromium(tmp_path, state_file):
     server = serve(create_app(state_file), port=0)
     try:
@@ -334,9 +329,7 @@ def test_screenshot_in_headless_chromium(tmp_path, state_file):
     assert_looks_like_the_dashboard(png)
 
 
-@pytest.mark.skipif(os.environ.get("TERRADAPT_WRITE_DOCS") != "1", reason="set TERRADAPT_WRITE_DOCS=1 to refresh docs/")
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
-@needs_geojson
+@pytest.mark.docs
 def test_docs_screenshot_of_a_real_demo_run(tmp_path, monkeypatch):
     """docs/dashboard.png: the dashboard of a real (quick) embedded demo run, for the README."""
     from stream.demo import DemoConfig, run_demo

@@ -211,6 +211,7 @@ cmd_env() {
   printf 'export TERRADAPT_TORCHSERVE__METRICS_URL=http://%s:%s\n' "${BIND_HOST}" "${METRICS_PORT}"
   printf 'export TERRADAPT_TORCHSERVE__KEY_FILE=%s\n' "${KEY_FILE}"
   printf 'export TERRADAPT_TS_MODEL_STORE=%s\n' "${MODEL_STORE}"
+  printf 'export TERRADAPT_TORCHSERVE__MODEL_STORE=%s\n' "${MODEL_STORE}"
 }
 
 main() {

@@ -14,9 +14,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer
@@ -38,7 +35,6 @@ class AdaptWorker:
         services: Services,
         consumer: KafkaConsumer | None = None,
         producer: KafkaProducer | None = None,
-        observe: Callable[[str, str, Any], None] | None = None,
     ) -> None:
         self.s = services
         kafka = services.settings.kafka
@@ -55,7 +51,6 @@ class AdaptWorker:
             client_id="terradapt-adapt-worker",
         )
         self.producer = producer or make_producer(kafka.bootstrap)
-        self.observe = observe or (lambda *_: None)
         self.stopping = threading.Event()
 
     def _send(self, topic: str, key: str, record: Record) -> None:
@@ -83,9 +78,7 @@ class AdaptWorker:
         current = registry.current(job.region)
         if job.base_version != current:
             log.info("job %s is stale: base v%s, region now serves v%s", job.job_id, job.base_version, current)
-            self.observe("adaptation", job.region, {"outcome": "stale", "method": job.method})
             return []
-        t0 = time.perf_counter()
         tiles = []
         for tile_id, href in zip(job.tile_ids, job.tile_hrefs, strict=False):
             try:
@@ -107,11 +100,11 @@ class AdaptWorker:
         log.info("adapting %s: %s on %d tiles", job.region, job.method, len(tiles))
         adapted = self.s.pipeline.adapt(job, tiles)
         out: list[tuple[str, Record]] = [("model_versions", adapted.version)]
-        outcome = "accepted" if adapted.version.accepted else "rejected"
-        self.observe(
-            "adaptation", job.region, {"outcome": outcome, "method": job.method, "duration_s": time.perf_counter() - t0}
-        )
-        event = self.s.pipeline.deploy(adapted.version)
+        self.s.rollout_tiles[job.region] = tiles
+        try:
+            event = self.s.pipeline.deploy(adapted.version)
+        finally:
+            self.s.rollout_tiles.pop(job.region, None)
         if event is not None:
             out.append(("rollouts", event))
         return out

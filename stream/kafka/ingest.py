@@ -19,8 +19,10 @@ from terradapt.records import Acquisition, check_region
 
 
 def _header(data: bytes) -> tuple[tuple[float, float, float, float], str | None, tuple[str, ...]]:
-    """Bounds, CRS and band names from the GeoTIFF header; unreadable files still get ingested (the worker
-    dead-letters them with the reason, so nothing disappears at the edge).
+    """Bounds, CRS and band names from the GeoTIFF header.
+
+    Unreadable files still get ingested: the worker dead-letters them with the reason, so nothing disappears at
+    the edge.
     """
     from rasterio.errors import RasterioError
     from rasterio.io import MemoryFile

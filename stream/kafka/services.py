@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
+from adapters.buffer import BufferedTile
+from monitoring.metrics import MetricsServer, ServiceMetrics
 from serving.minio_store import HrefReader, MinioStore, minio_client
 from serving.predictor import InProcessPredictor, Predictor
 from serving.registry import ModelRegistry
@@ -22,6 +26,14 @@ class Services:
     pipeline: Pipeline
     reader: HrefReader
     topics: Topics
+    metrics: ServiceMetrics
+    #: the tiles of the job being rolled out, per region (the TorchServe deployer shadow-tests on them)
+    rollout_tiles: dict[str, list[BufferedTile]]
+
+    def serve_metrics(self) -> MetricsServer | None:
+        """Serve /metrics on the configured loopback port (0 = not served)."""
+        cfg = self.settings.metrics
+        return self.metrics.serve(cfg.port, cfg.addr) if cfg.port else None
 
 
 def build_services(settings: Settings) -> Services:
@@ -32,12 +44,18 @@ def build_services(settings: Settings) -> Services:
     rt = settings.runtime
     predictor: Predictor
     deployer: Deployer
+    rollout_tiles: dict[str, list[BufferedTile]] = {}
     if rt.predictor == "torchserve":
         from serving.torchserve import TorchServeClient, TorchServeDeployer, TorchServePredictor
 
+        if settings.torchserve.model_store is None:
+            raise ValueError("predictor='torchserve' needs TERRADAPT_TORCHSERVE__MODEL_STORE (the model store folder)")
         ts = TorchServeClient(settings.torchserve)
-        predictor = TorchServePredictor(ts, registry)
-        deployer = TorchServeDeployer(ts, registry)
+        ts_deployer = TorchServeDeployer(
+            ts, registry, settings.torchserve.model_store, lambda region: rollout_tiles.get(region, [])
+        )
+        predictor = TorchServePredictor(ts, on_missing=ts_deployer.sync)
+        deployer = ts_deployer
     else:
         predictor = InProcessPredictor(
             registry, device=rt.device, window=rt.window, overlap=rt.overlap, batch_size=rt.batch_size
@@ -51,6 +69,7 @@ def build_services(settings: Settings) -> Services:
         max_bytes=sc.max_tile_bytes,
         max_pixels=sc.max_tile_pixels,
     )
+    metrics = ServiceMetrics(CollectorRegistry(), regions=sc.regions or None)
     pipeline = Pipeline(
         registry=registry,
         predictor=predictor,
@@ -60,5 +79,7 @@ def build_services(settings: Settings) -> Services:
         spec=spec,
         regions=frozenset(sc.regions) if sc.regions else None,
         predictions=predictions,
+        metrics=metrics,
     )
-    return Services(settings, pipeline, HrefReader(client), Topics.with_prefix(settings.kafka.topic_prefix))
+    topics = Topics.with_prefix(settings.kafka.topic_prefix)
+    return Services(settings, pipeline, HrefReader(client), topics, metrics, rollout_tiles)

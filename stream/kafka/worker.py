@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import faust
 
@@ -44,6 +44,12 @@ class Outgoing:
     record: Record
 
 
+class Offload(Protocol):
+    """Runs a blocking function off the event loop and awaits its result."""
+
+    def __call__(self, fn: Callable[[], T]) -> Awaitable[T]: ...
+
+
 class RetryableError(Exception):
     """A transient failure (predictor unreachable): retried with backoff, then dead-lettered."""
 
@@ -54,21 +60,19 @@ class AcquisitionHandler:
     def __init__(
         self,
         services: Services,
-        run: Callable[[Callable[[], T]], Awaitable[T]],
+        run: Offload,
         monitors: Any,
         triggers: Any,
         recent: Any,
-        observe: Callable[[str, str, Any], None] | None = None,
     ) -> None:
         self.s = services
         self.run = run
         self.monitors = monitors
         self.triggers = triggers
         self.recent = recent
-        self.observe = observe or (lambda *_: None)
 
     def dead(self, reason: str, error: str, payload: bytes, key: str | None) -> Outgoing:
-        self.observe("dead_letter", reason, None)
+        """The dead letter of a payload, with its reason and the original bytes."""
         letter = DeadLetter(
             topic=self.s.topics.acquisitions,
             reason=reason,
@@ -96,17 +100,21 @@ class AcquisitionHandler:
         """Process one acquisition message; return what to publish (dead letters included)."""
         skey = key.decode("utf-8", errors="replace") if key else None
         t0 = time.perf_counter()
+        pipeline = self.s.pipeline
         try:
             acq = Acquisition.from_stac(value)
         except InvalidPayloadError as exc:
+            pipeline.rejected(None, exc, t0)
             return [self.dead(exc.reason, str(exc), value, skey)]
         try:
-            self.s.pipeline.check_region(acq.region)
+            pipeline.check_region(acq.region)
             data = await self.run(lambda: self.s.reader.get(acq.href))
             predicted = await self._predict(acq, data)
         except TerradaptError as exc:
+            pipeline.rejected(acq.region if exc.reason != "unknown_region" else None, exc, t0)
             return [self.dead(exc.reason, str(exc), value, skey)]
         except RetryableError as exc:
+            pipeline.rejected(acq.region, "predictor_unavailable", t0)
             return [self.dead("predictor_unavailable", str(exc), value, skey)]
         region = acq.region
         out = [
@@ -120,7 +128,7 @@ class AcquisitionHandler:
         recent = [tuple(x) for x in json.loads(self.recent[region])] if region in self.recent else []
         recent = [r for r in recent if r[0] != acq.id] + [(acq.id, acq.href)]
         recent = recent[-self.s.settings.stream.buffer_tiles :]
-        observed = self.s.pipeline.observe(acq, predicted.features, monitor, trigger, recent)  # type: ignore[arg-type]
+        observed = self.s.pipeline.observe(acq, predicted.features, monitor, trigger, recent)
         self.monitors[region] = json.dumps(monitor.state_dict()).encode()
         self.triggers[region] = json.dumps(trigger.state_dict()).encode()
         self.recent[region] = json.dumps(recent).encode()
@@ -128,15 +136,7 @@ class AcquisitionHandler:
             out.append(Outgoing("drift_events", region, observed.drift))
         if observed.job is not None:
             out.append(Outgoing("adaptation_jobs", region, observed.job))
-        self.observe(
-            "tile",
-            region,
-            {
-                "latency_s": time.perf_counter() - t0,
-                "update": observed.update,
-                "version": predicted.prediction.model_version,
-            },
-        )
+        pipeline.done(region, t0)
         return out
 
     def _monitor(self, region: str) -> RegionMonitor:
@@ -147,7 +147,7 @@ class AcquisitionHandler:
         return self.s.pipeline.new_monitor()
 
 
-def create_app(services: Services, observe: Callable[[str, str, Any], None] | None = None) -> faust.App:
+def create_app(services: Services) -> faust.App:
     """The faust app of the stream worker (no module-level app: each call builds a fresh one)."""
     settings = services.settings
     app = faust.App(
@@ -181,9 +181,7 @@ def create_app(services: Services, observe: Callable[[str, str, Any], None] | No
     async def run(fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(executor, fn)
 
-    handler = AcquisitionHandler(
-        services, run, tables["monitors"], tables["triggers"], tables["recent"], observe=observe
-    )
+    handler = AcquisitionHandler(services, run, tables["monitors"], tables["triggers"], tables["recent"])
 
     @app.agent(src)
     async def acquisitions(stream: faust.StreamT[bytes]) -> None:

@@ -58,9 +58,7 @@ def tiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
 
 
 @pytest.fixture
-def make_stack(
-    tmp_path: Path, source_checkpoint: tuple[Path, list[np.ndarray]]
-) -> Iterator[object]:
+def make_stack(tmp_path: Path, source_checkpoint: tuple[Path, list[np.ndarray]]) -> Iterator[object]:
     """Factory of isolated stacks; every worker is stopped at the end of the test."""
     stacks: list[Stack] = []
 

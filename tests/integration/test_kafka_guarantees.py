@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -47,7 +47,7 @@ def _bad_payloads(stack, tiles):
 
 
 @pytest.fixture(scope="module")
-def dlq_stack(request, tmp_path_factory, source_checkpoint, tiles):
+def dlq_stack(tmp_path_factory, source_checkpoint, tiles):
     from tests.integration.stack import Stack
 
     stack = Stack(
@@ -56,9 +56,10 @@ def dlq_stack(request, tmp_path_factory, source_checkpoint, tiles):
     )
     stack.publish_source(*source_checkpoint)
     stack.start("worker", "worker")
-    request.addfinalizer(stack.stop_all)
-    payloads = _bad_payloads(stack, tiles)
-    return stack, payloads
+    try:
+        yield stack, _bad_payloads(stack, tiles)
+    finally:
+        stack.stop_all()
 
 
 @pytest.mark.parametrize(
@@ -71,8 +72,9 @@ def test_bad_input_goes_to_deadletter_and_worker_keeps_going(dlq_stack, tiles, c
     stack.send_raw("D033", payload)
     # a good acquisition right behind it, on the same partition (same key), must still be predicted
     good = stack.ingest([tiles["D033"][len(stack.read("predictions", 0.5)) + 1]], "D033")[0]
-    letters = stack.wait_for("deadletter", lambda m: any(x["payload"] == payload.decode("utf-8", "replace")
-                                                         for x in m), timeout_s=90)
+    letters = stack.wait_for(
+        "deadletter", lambda m: any(x["payload"] == payload.decode("utf-8", "replace") for x in m), timeout_s=90
+    )
     letter = next(x for x in letters if x["payload"] == payload.decode("utf-8", "replace"))
     assert letter["reason"] == reason, letter
     assert letter["error"]
@@ -106,15 +108,30 @@ def test_adapt_worker_sigkill_mid_job_registers_one_version(make_stack, tiles):
     # slow adaptation (many TENT passes) so the kill lands inside the job
     stack = make_stack({"TERRADAPT_ADAPTATION__METHOD": "tent", "TERRADAPT_ADAPTATION__EPOCHS": "60"})
     acqs = stack.ingest(tiles["D013"][:8], "D013")
-    drift = DriftEvent(region="D013", acquisition_id=acqs[-1].id, tiles_seen=8, signal="radiometry", score=9.0,
-                       threshold=1.0, fired=("radiometry",), covariate=True)
-    job = AdaptationJob(job_id="adapt-kill-test", region="D013", base_version=0, method="tent",
-                        tile_ids=tuple(a.id for a in acqs), tile_hrefs=tuple(a.href for a in acqs), trigger=drift)
+    drift = DriftEvent(
+        region="D013",
+        acquisition_id=acqs[-1].id,
+        tiles_seen=8,
+        signal="radiometry",
+        score=9.0,
+        threshold=1.0,
+        fired=("radiometry",),
+        covariate=True,
+    )
+    job = AdaptationJob(
+        job_id="adapt-kill-test",
+        region="D013",
+        base_version=0,
+        method="tent",
+        tile_ids=tuple(a.id for a in acqs),
+        tile_hrefs=tuple(a.href for a in acqs),
+        trigger=drift,
+    )
     stack.producer.send(stack.topics.adaptation_jobs, key=b"D013", value=job.to_json()).get(timeout=30)
     stack.start("adapt", "adapt-worker")
-    deadline = datetime.now(timezone.utc).timestamp() + 120
+    deadline = datetime.now(UTC).timestamp() + 120
     while "adapting D013" not in stack.log_text("adapt"):
-        assert datetime.now(timezone.utc).timestamp() < deadline, stack.log_text("adapt")[-2000:]
+        assert datetime.now(UTC).timestamp() < deadline, stack.log_text("adapt")[-2000:]
     stack.kill("adapt")
     assert stack.registry.history("D013") == []  # killed before publishing
     stack.start("adapt", "adapt-worker")

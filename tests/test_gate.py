@@ -1,0 +1,49 @@
+import copy
+
+import numpy as np
+import torch
+
+from adapters.gate import Gate, GateConfig, judge
+from terradapt.model import UNet, UNetConfig
+
+
+def _model():
+    torch.manual_seed(0)
+    return UNet(UNetConfig(in_channels=5, num_classes=4, base_channels=4, depth=2)).eval()
+
+
+def test_gate_rejects_a_model_collapsed_to_one_class():
+    current = _model()
+    collapsed = copy.deepcopy(current)
+    with torch.no_grad():
+        collapsed.head.bias[2] = 1e4  # every pixel -> class 2, entropy ~ 0
+    tiles = torch.rand(4, 5, 32, 32) * 255
+    result = Gate().check(collapsed, current, tiles)
+    assert not result.accepted
+    assert any("collapse" in r for r in result.reasons)
+    assert result.metrics["max_class_share"] == 1.0
+
+
+def test_gate_accepts_an_identical_candidate():
+    current = _model()
+    result = Gate().check(copy.deepcopy(current), current, torch.rand(2, 5, 32, 32) * 255)
+    assert result.accepted, result.reasons
+    assert result.metrics["agreement"] == 1.0
+
+
+def test_big_change_toward_the_reference_mix_is_a_repair_not_a_jump():
+    broken = [np.zeros((8, 8), np.uint8)] * 2  # current model says class 0 everywhere (collapsed on a shifted region)
+    repaired = [np.arange(64, dtype=np.uint8).reshape(8, 8) % 4] * 2
+    cfg = GateConfig(max_class_share=1.0)
+    without = judge(repaired, [1.0, 1.0], broken, [1.2, 1.2], 4, cfg)
+    assert not without.accepted  # a jump with nothing to compare it to
+    with_ref = judge(repaired, [1.0, 1.0], broken, [1.2, 1.2], 4, cfg, reference=[0.25] * 4)
+    assert with_ref.accepted, with_ref.reasons
+
+
+def test_labelled_check_rejects_a_worse_candidate():
+    truth = [np.ones((8, 8), np.uint8)]
+    good, bad = [np.ones((8, 8), np.uint8)], [np.zeros((8, 8), np.uint8)]
+    result = judge(bad, [0.5], good, [0.5], 2, GateConfig(min_agreement=0.0, max_class_tv=1.0), masks=truth)
+    assert not result.accepted
+    assert any("mIoU" in r for r in result.reasons)
