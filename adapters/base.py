@@ -11,10 +11,11 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from adapters.common import MissingSourceTilesError
 from terradapt.model import UNet
 from terradapt.settings import StrictModel
 
@@ -30,8 +31,21 @@ class Adapter(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    #: Whether the method replays source tiles: such methods take ``source_tiles=`` (keyword) in their
+    #: constructor, and ``create_adapter(..., source_tiles=...)`` passes it on; "required" ones refuse to start
+    #: without it. Tiles are data, not configuration, so they never go through the (serialisable) config.
+    source_replay: ClassVar[Literal["none", "optional", "required"]] = "none"
 
-    def __init__(self, model: UNet, config: AdapterConfig | None = None) -> None:
+    def __init__(
+        self, model: UNet, config: AdapterConfig | None = None, *, source_tiles: torch.Tensor | None = None
+    ) -> None:
+        if source_tiles is not None and self.source_replay == "none":
+            raise ValueError(f"method {self.name!r} does not replay source tiles; source_tiles must be None")
+        if source_tiles is None and self.source_replay == "required":
+            raise MissingSourceTilesError(
+                f"method {self.name!r} replays source tiles: pass source_tiles=(N, C, H, W) tensor, N >= 1"
+            )
+        self.source_tiles = source_tiles
         self.config = config or self.config_class()
         self.source_state = copy.deepcopy(model.state_dict())
         self.model = copy.deepcopy(model)

@@ -4,15 +4,24 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import BaseModel
 
 from adapters.base import Adapter
 from adapters.bn import BNAdapt
+from adapters.coral import DeepCoral
+from adapters.cotta import CoTTA
+from adapters.dann import DANN
+from adapters.eata import EATA
+from adapters.sar import SAR
+from adapters.self_training import SelfTraining
 from adapters.tent import Tent
 from terradapt.errors import UnknownNameError
 from terradapt.model import UNet
 
-_ADAPTERS: dict[str, type[Adapter]] = {cls.name: cls for cls in (BNAdapt, Tent)}
+_ADAPTERS: dict[str, type[Adapter]] = {
+    cls.name: cls for cls in (BNAdapt, Tent, EATA, SAR, CoTTA, SelfTraining, DeepCoral, DANN)
+}
 
 
 def available_adapters() -> list[str]:
@@ -28,9 +37,32 @@ def adapter_class(name: str) -> type[Adapter]:
         raise UnknownNameError("adaptation method", name, available_adapters()) from None
 
 
-def create_adapter(name: str, model: UNet, config: dict[str, Any] | BaseModel | None = None) -> Adapter:
-    """Build a registered method on a model with its own config (validated, unknown keys rejected)."""
+def create_adapter(
+    name: str,
+    model: UNet,
+    config: dict[str, Any] | BaseModel | None = None,
+    *,
+    source_tiles: torch.Tensor | None = None,
+) -> Adapter:
+    """Build a registered method on a model with its own config (validated, unknown keys rejected).
+
+    Args:
+        name: a registered method (``available_adapters()``).
+        model: the model to adapt (copied, never modified).
+        config: the method's own config, as a dict or a config model.
+        source_tiles: raw source tiles (N, C, H, W) for methods that replay them (``source_replay`` is
+            "optional" or "required"); ignored by the others.
+
+    Returns:
+        The adapter.
+
+    Raises:
+        UnknownNameError: the method is not registered.
+        MissingSourceTilesError: the method requires source tiles and none were given.
+
+    """
     cls = adapter_class(name)
     if isinstance(config, BaseModel):
         config = config.model_dump()
-    return cls(model, cls.config_class.model_validate(config or {}))
+    validated = cls.config_class.model_validate(config or {})
+    return cls(model, validated, source_tiles=source_tiles if cls.source_replay != "none" else None)

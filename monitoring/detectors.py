@@ -17,6 +17,16 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
+from monitoring.windowed import (
+    BandQuantileConfig,
+    BandQuantileDetector,
+    BatchNormDistanceDetector,
+    KernelMMDConfig,
+    KernelMMDDetector,
+    PredictionConfig,
+    PredictionDetector,
+    WindowedConfig,
+)
 from terradapt.errors import UnknownNameError
 from terradapt.settings import StrictModel
 
@@ -219,8 +229,30 @@ def _mean_shift(config: dict[str, Any]) -> Detector:
     return MeanShiftDetector(MeanShiftConfig.model_validate(config))
 
 
+def _band_quantile(config: dict[str, Any]) -> Detector:
+    return BandQuantileDetector(BandQuantileConfig.model_validate(config))
+
+
+def _kernel_mmd(config: dict[str, Any]) -> Detector:
+    return KernelMMDDetector(KernelMMDConfig.model_validate(config))
+
+
+def _bn_distance(config: dict[str, Any]) -> Detector:
+    return BatchNormDistanceDetector(WindowedConfig.model_validate(config))
+
+
+def _prediction(config: dict[str, Any]) -> Detector:
+    return PredictionDetector(PredictionConfig.model_validate(config))
+
+
 #: name -> factory taking the detector's own config dict; filled explicitly, never by import side effects.
-_DETECTORS: dict[str, Callable[[dict[str, Any]], Detector]] = {MeanShiftDetector.name: _mean_shift}
+_DETECTORS: dict[str, Callable[[dict[str, Any]], Detector]] = {
+    MeanShiftDetector.name: _mean_shift,
+    BandQuantileDetector.name: _band_quantile,
+    KernelMMDDetector.name: _kernel_mmd,
+    BatchNormDistanceDetector.name: _bn_distance,
+    PredictionDetector.name: _prediction,
+}
 
 
 def available_detectors() -> list[str]:

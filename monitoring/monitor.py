@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from monitoring.detectors import Detector, create_detector
 from monitoring.features import TileFeatures
@@ -60,14 +60,35 @@ def _features_from_dict(d: dict[str, Any]) -> TileFeatures:
     return TileFeatures(**values)
 
 
+class SignalDetector(StrictModel):
+    """The detector of one signal when it differs from the monitor's default ``detector``."""
+
+    detector: str
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
 class MonitorConfig(StrictModel):
-    """Config of the per-region monitor."""
+    """Config of the per-region monitor.
+
+    ``detector``/``detector_config`` apply to every signal; ``per_signal`` overrides them for named signals
+    (e.g. ``{"deep": {"detector": "kernel-mmd"}}``): each test suits a different feature (a kernel two-sample
+    test for high-dimensional deep features, a one-sided test for BatchNorm distances).
+    """
 
     detector: str = "mean-shift"
     detector_config: dict[str, Any] = Field(default_factory=dict)
+    per_signal: dict[str, SignalDetector] = Field(default_factory=dict)
     signals: tuple[str, ...] = tuple(SIGNALS)
     ert: int = Field(default=1000, ge=10, description="expected run time without any alarm, all signals")
     warmup_tiles: int = Field(default=8, ge=1, description="tiles that set a region's new normal after a rollout")
+
+    @field_validator("per_signal")
+    @classmethod
+    def _known_signals(cls, v: dict[str, SignalDetector]) -> dict[str, SignalDetector]:
+        unknown = sorted(set(v) - set(SIGNALS))
+        if unknown:
+            raise ValueError(f"per_signal: unknown signal(s) {unknown}; available: {sorted(SIGNALS)}")
+        return v
 
 
 @dataclass(frozen=True)
@@ -114,11 +135,12 @@ class RegionMonitor:
 
     def __init__(self, config: MonitorConfig | None = None) -> None:
         self.config = config or MonitorConfig()
-        per_signal = dict(self.config.detector_config)
-        per_signal["ert"] = self.config.ert * len(self.config.signals)
-        self.detectors: dict[str, Detector] = {
-            s: create_detector(self.config.detector, per_signal) for s in self.config.signals
-        }
+        ert = self.config.ert * len(self.config.signals)
+        self.detectors: dict[str, Detector] = {}
+        for s in self.config.signals:
+            spec = self.config.per_signal.get(s)
+            name, cfg = (spec.detector, spec.config) if spec else (self.config.detector, self.config.detector_config)
+            self.detectors[s] = create_detector(name, {**cfg, "ert": ert})
         self.tiles_seen = 0
         self.detected_at: int | None = None
         self.model_version = 0

@@ -349,6 +349,35 @@ def ingest(
 
 
 @app.command()
+def label(
+    mask: Annotated[Path, typer.Argument(help="single-band GeoTIFF reference mask of one acquisition")],
+    acquisition_id: Annotated[str, typer.Option(help="the acquisition the mask belongs to")],
+    region: Annotated[str, typer.Option(help="region code of the acquisition")],
+    flair19: Annotated[bool, typer.Option(help="mask holds raw FLAIR labels 1..19 (else class indices)")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Publish a delayed label: upload the mask and announce it on the labels topic."""
+    from serving.minio_store import MinioStore, minio_client
+    from stream.config import Settings
+    from stream.kafka.ingest import make_producer
+    from stream.kafka.topics import Topics
+    from terradapt.records import LabelRecord
+
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    store = MinioStore(minio_client(settings.s3), settings.s3.bucket_acquisitions)
+    href = store.put(f"{region}/labels/{acquisition_id}.tif", mask.read_bytes(), "image/tiff")
+    record = LabelRecord(
+        acquisition_id=acquisition_id, region=region, href=href, encoding="flair19" if flair19 else "classes"
+    )
+    producer = make_producer(settings.kafka.bootstrap)
+    topic = Topics.with_prefix(settings.kafka.topic_prefix).labels
+    producer.send(topic, key=region.encode(), value=record.to_json()).get(timeout=30)
+    producer.close()
+    _console().print(f"label of {acquisition_id} published to {topic}")
+
+
+@app.command()
 def worker(config: ConfigOption = None) -> None:
     """Run the faust stream worker (predict, featurize, monitor, trigger)."""
     import faust

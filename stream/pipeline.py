@@ -164,7 +164,8 @@ class Pipeline:
         latency = time.perf_counter() - t0
         href = None
         if self.predictions is not None:
-            cog = write_cog(out.class_map, raster.crs, raster.transform)
+            tags = {"acquisition_id": acq.id, "region": acq.region, "model_version": str(out.version)}
+            cog = write_cog(out.class_map, raster.crs, raster.transform, tags=tags)
             href = self.predictions.put(f"{acq.region}/{acq.id}.tif", cog, "image/tiff")
         f = out.features
         prediction = TilePrediction(

@@ -268,6 +268,7 @@ def write_cog(
     path: str | Path | None = None,
     *,
     blocksize: int = 256,
+    tags: dict[str, str] | None = None,
 ) -> bytes:
     """Encode a class map as a Cloud-Optimized GeoTIFF.
 
@@ -281,6 +282,7 @@ def write_cog(
         nodata: Value of unlabelled pixels (IGNORE_INDEX by default).
         path: Also write the bytes there when given.
         blocksize: Internal tile size; overviews are built until the image fits in one block.
+        tags: Dataset metadata kept in the file (e.g. which model version made the prediction).
 
     Returns:
         The encoded COG bytes.
@@ -306,6 +308,8 @@ def write_cog(
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with memfile.open(**profile) as dst:
             dst.write(class_map.astype(np.uint8, copy=False), 1)
+            if tags:
+                dst.update_tags(**tags)
         encoded = bytes(memfile.read())
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -268,8 +268,13 @@ class DeadLetter(Record):
 
 
 class LabelRecord(Record):
-    """A reference mask that arrives after the acquisition (delayed labels)."""
+    """A reference mask that arrives after the acquisition (delayed labels).
+
+    ``href`` names a single-band GeoTIFF of the acquisition's size: class indices (``encoding="classes"``,
+    255 = ignore) or raw FLAIR labels 1..19 (``encoding="flair19"``, mapped to the 13 classes on arrival).
+    """
 
     acquisition_id: str
     region: str
     href: str
+    encoding: Literal["classes", "flair19"] = "classes"

@@ -10,7 +10,6 @@ that stays empty or an alert that can never fire (a typo in a metric or label na
 import json
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -182,21 +181,6 @@ def wait_for(
             return value
         time.sleep(0.5)
     pytest.fail(f"{what}: not done after {timeout:.0f} s\n{detail() if detail else ''}\n{tail(log) if log else ''}")
-
-
-@pytest.fixture
-def processes():
-    """Processes started by the test, stopped at the end whatever happens (by their own pid)."""
-    started: list[subprocess.Popen] = []
-    yield started
-    for proc in reversed(started):
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
 
 
 def start(processes: list, cmd: list[str], log: Path) -> subprocess.Popen:

@@ -174,8 +174,9 @@ def create_app(services: Services) -> faust.App:
     }
     tables = {
         name: app.Table(name, default=None, key_type=str, value_type=bytes, partitions=settings.kafka.partitions)
-        for name in ("monitors", "triggers", "recent")
+        for name in ("monitors", "triggers", "recent", "accuracy")
     }
+    labels_src = app.topic(topics.labels, key_type=bytes, value_type=bytes, partitions=settings.kafka.partitions)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="terradapt-compute")
 
     async def run(fn: Callable[[], T]) -> T:
@@ -195,6 +196,23 @@ def create_app(services: Services) -> faust.App:
             for out in outgoing:
                 await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
             log.info("processed %s", key)
+
+    from stream.kafka.labels import LabelHandler
+
+    num_classes = len(services.pipeline.registry.manifest("source", 0).classes)
+    label_handler = LabelHandler(services, run, tables["accuracy"], num_classes)
+
+    @app.agent(labels_src)
+    async def labels(stream: faust.StreamT[bytes]) -> None:
+        async for event in stream.events():
+            key, value = event.message.key, event.message.value
+            try:
+                outgoing = await label_handler.handle(key, value)
+            except Exception as exc:  # a bad label must not stop the agent
+                log.exception("unexpected error on label %s", key)
+                outgoing = [handler.dead("internal_error", repr(exc), value, key.decode() if key else None)]
+            for out in outgoing:
+                await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
 
     app.handler = handler  # type: ignore[attr-defined]
     return app

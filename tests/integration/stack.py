@@ -90,13 +90,17 @@ class Stack:
         self.models.put(CALIBRATION_KEY, json.dumps(state).encode(), "application/json")
 
     # -- processes -------------------------------------------------------------------------------------------
-    def start(self, name: str, command: str) -> None:
+    def start(self, name: str, command: str, extra_env: dict[str, str] | None = None) -> None:
         """Start ``terradapt <command>`` as a process of its own (its own session, killable)."""
         log = self.root / f"{name}.log"
         self.logs[name] = log
         fh = log.open("ab")
         self.procs[name] = subprocess.Popen(
-            [TERRADAPT, command], env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+            [TERRADAPT, command],
+            env={**self.env, **(extra_env or {})},
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def kill(self, name: str) -> None:
