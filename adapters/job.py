@@ -64,15 +64,20 @@ def run_adaptation(
     base_manifest: ModelManifest,
     tiles: Sequence[BufferedTile],
     config: AdaptationConfig,
+    *,
+    source_tiles: torch.Tensor | None = None,
 ) -> AdaptationOutcome:
-    """Adapt ``base`` with ``config.method`` on ``tiles``, gate it against ``base``, and build its manifest."""
+    """Adapt ``base`` with ``config.method`` on ``tiles``, gate it against ``base``, and build its manifest.
+
+    ``source_tiles`` (N, C, H, W) feed the methods that replay source data (coral, dann; eata's Fisher).
+    """
     if not tiles:
         raise ValueError("an adaptation job needs at least one tile")
     device = select_device(config.device)
     torch.manual_seed(zlib.crc32(job.job_id.encode()))
     x = torch.from_numpy(np.stack([t.image for t in tiles])).float().to(device)
     base = base.to(device).eval()
-    adapter = create_adapter(job.method or config.method, base, config.method_config)
+    adapter = create_adapter(job.method or config.method, base, config.method_config, source_tiles=source_tiles)
     candidate = adapter.adapt(_batches(x, config.batch_size, config.epochs, seed=len(tiles)))
     reference = job.label_shift or base_manifest.class_prior or None
     result = Gate(config.gate).check(candidate, base, x, [t.mask for t in tiles], reference)

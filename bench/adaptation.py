@@ -50,8 +50,21 @@ SYN_TARGETS = {
 }
 
 
+@dataclass
+class RegionResult:
+    """One target region: source-only and oracle mIoU, and (mIoU, compute ratio) per "method@batch"."""
+
+    region: str
+    shift: str
+    source: float
+    oracle: float
+    methods: dict[str, tuple[float, float]]
+
+
 @dataclass(frozen=True)
 class Mode:
+    """Sizes of one benchmark mode."""
+
     tile: int
     train_tiles: int
     train_steps: int
@@ -129,15 +142,16 @@ def inference_seconds(model: UNet, x: torch.Tensor, batch: int) -> float:
     return (time.perf_counter() - t) / len(x)
 
 
-def run_scenario(sc: Scenario, model: UNet, mode: Mode, seed: int, batches: list[int]) -> list[dict[str, object]]:
-    rows: list[dict[str, object]] = []
+def run_scenario(sc: Scenario, model: UNet, mode: Mode, seed: int, batches: list[int]) -> list[RegionResult]:
+    """Every method at every batch size on every target region of a scenario."""
+    rows: list[RegionResult] = []
     src = tensor(sc.train[:: max(1, len(sc.train) // 16)][:16])
     for region, stream in sc.streams.items():
         held = sc.held_out[region]
         x = tensor(stream)
         base = score(model, held)
         orc = score(oracle(model, stream, mode.oracle_steps, seed), held)
-        row: dict[str, object] = {"region": region, "shift": sc.shift[region], "source": base, "oracle": orc}
+        row = RegionResult(region, sc.shift[region], base, orc, {})
         for b in batches:
             infer = inference_seconds(model, x, b)
             for name in available_adapters():
@@ -148,9 +162,9 @@ def run_scenario(sc: Scenario, model: UNet, mode: Mode, seed: int, batches: list
                 t = time.perf_counter()
                 adapted = adapter.adapt(x[i : i + b] for i in range(0, len(x), b))
                 cost = (time.perf_counter() - t) / len(x) / infer
-                row[f"{name}@{b}"] = (score(adapted, held), cost)
+                row.methods[f"{name}@{b}"] = (score(adapted, held), cost)
         rows.append(row)
-        print(region, {k: v for k, v in row.items() if k not in ("shift",)}, flush=True)
+        print(row, flush=True)
     return rows
 
 
@@ -173,24 +187,23 @@ def long_stream(sc: Scenario, model: UNet, mode: Mode, seed: int) -> dict[str, t
     return out
 
 
-def table(rows: list[dict[str, object]], batch: int) -> list[str]:
+def table(rows: list[RegionResult], batch: int) -> list[str]:
+    """Markdown rows: mIoU (delta) per method, then mean / worst delta, gap closed and compute."""
     names = available_adapters()
     head = "| region | shift | source | " + " | ".join(names) + " | oracle |"
     lines = [head, "|" + "---|" * (len(names) + 4)]
     gaps: dict[str, list[float]] = {n: [] for n in names}
     deltas: dict[str, list[float]] = {n: [] for n in names}
     for row in rows:
-        s, o = float(row["source"]), float(row["oracle"])  # type: ignore[arg-type]
+        s, o = row.source, row.oracle
         cells = []
         for n in names:
-            m, _ = row[f"{n}@{batch}"]  # type: ignore[misc]
+            m = row.methods[f"{n}@{batch}"][0]
             deltas[n].append(m - s)
             if o - s > 0.01:
                 gaps[n].append((m - s) / (o - s))
             cells.append(f"{100 * m:.1f} ({100 * (m - s):+.1f})")
-        lines.append(
-            f"| {row['region']} | {row['shift']} | {100 * s:.1f} | " + " | ".join(cells) + f" | {100 * o:.1f} |"
-        )
+        lines.append(f"| {row.region} | {row.shift} | {100 * s:.1f} | " + " | ".join(cells) + f" | {100 * o:.1f} |")
     lines.append("| **mean delta** | | | " + " | ".join(f"{100 * np.mean(deltas[n]):+.1f}" for n in names) + " | |")
     lines.append("| **worst delta** | | | " + " | ".join(f"{100 * min(deltas[n]):+.1f}" for n in names) + " | |")
     lines.append(
@@ -198,7 +211,7 @@ def table(rows: list[dict[str, object]], batch: int) -> list[str]:
         + " | ".join(f"{100 * np.median(gaps[n]):.0f}%" if gaps[n] else "n/a" for n in names)
         + " | |"
     )
-    cost = {n: np.mean([row[f"{n}@{batch}"][1] for row in rows]) for n in names}  # type: ignore[index]
+    cost = {n: np.mean([row.methods[f"{n}@{batch}"][1] for row in rows]) for n in names}
     lines.append("| **compute / inference** | | | " + " | ".join(f"{cost[n]:.1f}x" for n in names) + " | |")
     return lines
 
@@ -206,7 +219,7 @@ def table(rows: list[dict[str, object]], batch: int) -> list[str]:
 def render(
     args: argparse.Namespace,
     mode: Mode,
-    results: dict[str, list[dict[str, object]]],
+    results: dict[str, list[RegionResult]],
     longs: dict[str, tuple[float, float]],
     batches: list[int],
     elapsed: float,

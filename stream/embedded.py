@@ -8,6 +8,7 @@ has them, are joined after prediction to measure per-region, per-version accurac
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import numpy.typing as npt
 
 from adapters.buffer import BufferedTile, TileBuffer
 from adapters.trigger import Trigger, TriggerConfig
+from monitoring.accuracy import DelayedLabelTracker
 from monitoring.monitor import RegionMonitor
 from stream.pipeline import Adapted, Pipeline
 from terradapt.classes import IGNORE_INDEX
@@ -75,6 +77,7 @@ class EmbeddedRunner:
         trigger: TriggerConfig | None = None,
         buffer_capacity: int = 16,
         labels_in_gate: bool = False,
+        label_delay: int = 3,
         on_tile: Callable[[TileLog], None] | None = None,
     ) -> None:
         self.pipeline = pipeline
@@ -85,6 +88,40 @@ class EmbeddedRunner:
         self.on_tile = on_tile
         self.result = RunResult()
         self._counts: dict[str, int] = {}
+        # delayed labels: the dataset's masks reach the accuracy metrics ``label_delay`` tiles after prediction
+        self.label_delay = label_delay
+        self._labels: deque[tuple[str, npt.NDArray[np.uint8]]] = deque()
+        self._tracker: DelayedLabelTracker | None = None
+
+    def _label(
+        self,
+        acq_id: str,
+        region: str,
+        version: int,
+        class_map: npt.NDArray[np.uint8],
+        mask: npt.NDArray[np.uint8],
+        num_classes: int,
+    ) -> None:
+        if self.pipeline.metrics is None:
+            return
+        if self._tracker is None:
+            self._tracker = DelayedLabelTracker(num_classes, window=50)
+        self._tracker.record_prediction(acq_id, region, version, class_map=class_map)
+        self._labels.append((acq_id, mask))
+        while len(self._labels) > self.label_delay:
+            self.deliver_one()
+
+    def deliver_one(self) -> None:
+        """Join the oldest pending label with its prediction and update the accuracy metrics."""
+        metrics = self.pipeline.metrics
+        if not self._labels or self._tracker is None or metrics is None:
+            return
+        acq_id, mask = self._labels.popleft()
+        join = self._tracker.add_label(acq_id, mask)
+        if join.window is not None:
+            w = join.window
+            metrics.observe_label(w.region, join.outcome)
+            metrics.observe_accuracy(w.region, w.version, w.accuracy, w.miou, w.tiles)
 
     def monitor(self, region: str) -> RegionMonitor:
         """The region's monitor, created calibrated on first use."""
@@ -96,6 +133,8 @@ class EmbeddedRunner:
         """Process every item; bad input becomes a dead letter and the loop goes on."""
         for item in items:
             self.step(item)
+        while self._labels:  # the last labels arrive after the stream
+            self.deliver_one()
         return self.result
 
     def step(self, item: StreamItem) -> None:
@@ -114,6 +153,7 @@ class EmbeddedRunner:
         version = predicted.prediction.model_version
         if item.mask is not None:
             k = predicted.output.features.class_shares.shape[0]
+            self._label(acq.id, acq.region, version, predicted.output.class_map, item.mask, k)
             cm = confusion_matrix(predicted.output.class_map, item.mask, k, IGNORE_INDEX)
             key = (acq.region, version)
             self.result.confusion[key] = self.result.confusion.get(key, np.zeros((k, k), np.int64)) + cm
