@@ -7,7 +7,7 @@ SERVICES := bash deploy/local/services.sh
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
 .PHONY: install demo test test-unit lint system-deps services-install services-up services-down services-status \
-	torchserve-up torchserve-down docs bench clean
+	torchserve-up torchserve-down docs bench-extras bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,8 +62,14 @@ torchserve-down:
 docs: install system-deps
 	TERRADAPT_WRITE_DOCS=1 $(PY) -m pytest -m docs tests/test_dashboard.py
 
-bench: install
+## benchmark-only extras (River; alibi-detect cannot be installed next to numpy 2, see docs/benchmarks.md)
+bench-extras: install
+	$(PY) -m pip install -q 'river==0.26.1'
+
+bench: install bench-extras
 	$(PY) bench/serving.py
+	$(PY) bench/drift.py
+	$(PY) bench/adaptation.py
 
 clean:
 	rm -rf .terradapt report .pytest_cache .mypy_cache .ruff_cache

@@ -109,3 +109,46 @@ class SourceReplay:
         """``n`` source tiles drawn with replacement."""
         idx = torch.randint(0, self.tiles.shape[0], (n,), generator=self.generator)
         return self.tiles[idx].to(device)
+
+
+class PooledBNStats:
+    """Running statistics pooled over every target pixel seen, written into each BatchNorm after a step.
+
+    Why: with ``momentum=None`` BatchNorm averages the per-*batch* variances, which misses the variance *between*
+    batches; with batches of one tile that is all the between-tile variation, so the deployed (eval-mode) model
+    normalises with too small a variance. Summing x and x^2 over all pixels (float64) gives the pooled variance
+    (law of total variance) whatever the batch size. Forwards through ``frozen_running_stats`` are skipped.
+    """
+
+    def __init__(self, model: nn.Module, replaces: PooledBNStats | None = None) -> None:
+        if replaces is not None:  # a reset re-configures the same model: drop the previous hooks
+            replaces.remove()
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.sums: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
+
+    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if not module.training or getattr(module, "running_mean", None) is None:
+            return
+        x = args[0].detach().double()
+        s1, s2 = x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3))
+        n = x.numel() // x.shape[1]
+        p1, p2, pn = self.sums.get(id(module), (torch.zeros_like(s1), torch.zeros_like(s2), 0))
+        self.sums[id(module)] = (p1 + s1, p2 + s2, pn + n)
+
+    @torch.no_grad()
+    def write(self) -> None:
+        """Set every BatchNorm's running mean/var to the pooled target statistics seen so far."""
+        for m in self.layers:
+            if id(m) not in self.sums or m.running_mean is None or m.running_var is None:
+                continue
+            s1, s2, n = self.sums[id(m)]
+            mean = s1 / n
+            var = (s2 / n - mean * mean).clamp_min(0) * n / max(n - 1, 1)
+            m.running_mean.copy_(mean.to(m.running_mean.dtype))
+            m.running_var.copy_(var.to(m.running_var.dtype))
+
+    def remove(self) -> None:
+        """Detach the hooks (before a reset re-attaches fresh ones)."""
+        for h in self.handles:
+            h.remove()

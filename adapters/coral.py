@@ -17,6 +17,7 @@ from pydantic import Field
 
 from adapters.base import Adapter, AdapterConfig
 from adapters.common import (
+    PooledBNStats,
     SourceReplay,
     bn_names,
     configure_bn_training,
@@ -65,12 +66,17 @@ class DeepCoral(Adapter):
             raise ValueError("coral needs source_tiles")
         self.replay = SourceReplay(self.source_tiles, self.name, self.config.seed)
         self.optimizer = torch.optim.Adam(configure_bn_training(model), lr=self.config.lr)
+        self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self._fresh = True
 
     def changed_names(self) -> set[str]:
         return bn_names(self.model)
 
     def adapt_step(self, batch: torch.Tensor) -> None:
+        self._step(batch)
+        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
+
+    def _step(self, batch: torch.Tensor) -> None:
         self.model.train()
         if self._fresh:
             restart_running_stats(self.model)

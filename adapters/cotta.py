@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from adapters.base import Adapter, AdapterConfig
-from adapters.common import BN_STATS, flip_averaged_probs, restart_running_stats
+from adapters.common import BN_STATS, PooledBNStats, flip_averaged_probs, restart_running_stats
 from terradapt.model import UNet
 
 
@@ -43,7 +43,11 @@ class CoTTA(Adapter):
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.momentum = None
+        previous = getattr(self, "pooled", None)
+        if previous is not None:  # detach before copying, or the student would carry the teacher's hooks
+            previous.remove()
         self.student = copy.deepcopy(model)
+        self.pooled = PooledBNStats(model)  # the student's statistics are never deployed: only the teacher's
         self.student.requires_grad_(True)
         self.optimizer = torch.optim.Adam(self.student.parameters(), lr=self.config.lr)
         self._fresh = True
@@ -53,6 +57,10 @@ class CoTTA(Adapter):
         return params | {n for n, _ in self.model.named_buffers() if n.rsplit(".", 1)[-1] in BN_STATS}
 
     def adapt_step(self, batch: torch.Tensor) -> None:
+        self._step(batch)
+        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
+
+    def _step(self, batch: torch.Tensor) -> None:
         self.model.train()
         self.student.train()
         if self._fresh:

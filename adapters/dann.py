@@ -19,6 +19,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from adapters.base import Adapter, AdapterConfig
 from adapters.common import (
+    PooledBNStats,
     SourceReplay,
     bn_names,
     configure_bn_training,
@@ -68,6 +69,7 @@ class DANN(Adapter):
             self.critic = nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         self.critic.to(next(model.parameters()).device)
         params = configure_bn_training(model) + list(self.critic.parameters())
+        self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self.optimizer = torch.optim.Adam(params, lr=self.config.lr)
         self._fresh = True
 
@@ -75,6 +77,10 @@ class DANN(Adapter):
         return bn_names(self.model)
 
     def adapt_step(self, batch: torch.Tensor) -> None:
+        self._step(batch)
+        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
+
+    def _step(self, batch: torch.Tensor) -> None:
         self.model.train()
         if self._fresh:
             restart_running_stats(self.model)

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch.nn import functional as F  # noqa: N812
 
 from adapters.base import Adapter, AdapterConfig
-from adapters.common import bn_names, configure_bn_training, pixel_entropy, restart_running_stats
+from adapters.common import PooledBNStats, bn_names, configure_bn_training, pixel_entropy, restart_running_stats
 from terradapt.model import UNet
 
 
@@ -43,6 +43,7 @@ class EATA(Adapter):
 
     def configure(self, model: UNet) -> None:
         self.params = configure_bn_training(model)
+        self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.anchor = {n: p.detach().clone() for n, p in self.named.items()}
         if not hasattr(self, "fisher"):  # the Fisher depends on the source only: computed once, kept by reset
@@ -75,6 +76,10 @@ class EATA(Adapter):
         return bn_names(self.model)
 
     def adapt_step(self, batch: torch.Tensor) -> None:
+        self._step(batch)
+        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
+
+    def _step(self, batch: torch.Tensor) -> None:
         self.model.train()
         if self._fresh:
             restart_running_stats(self.model)

@@ -37,6 +37,9 @@ class GateConfig(StrictModel):
     max_class_tv: float = Field(default=0.25, ge=0.0, le=1.0)
     min_agreement: float = Field(default=0.6, ge=0.0, le=1.0)
     max_miou_drop: float = Field(default=0.005, ge=0.0, description="allowed labelled mIoU loss (fraction)")
+    broken_tv: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="current class mix this far (TV) from the source prior = broken"
+    )
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,16 @@ def judge(
     config: GateConfig,
     masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
     reference: Sequence[float] | None = None,
+    prior: Sequence[float] | None = None,
 ) -> GateResult:
     """The gate's decision from two versions' class maps and per-tile entropies on the same tiles.
+
+    ``reference`` is a label-shift estimate of the region's class mix; ``prior`` the source class mix. A big
+    change (class-mix jump, low agreement) is accepted as a repair when it moves the predicted mix toward the
+    estimate, or, without an estimate, toward the source prior *and* the current model's mix is implausibly far
+    from that prior (``broken_tv``: the current model has collapsed on a shifted region). Moving toward the
+    source prior alone is not enough: under pure label shift that is exactly what BatchNorm re-estimation does
+    wrong (shared/FINDINGS.md).
 
     Shared by ``Gate.check`` (in-process models, before publication) and the TorchServe shadow check (the
     outputs a server actually returns), so both judge with the same rules and thresholds.
@@ -103,6 +114,13 @@ def judge(
         m["tv_candidate_to_reference"] = float(0.5 * np.abs(cand_shares - target).sum())
         m["tv_current_to_reference"] = float(0.5 * np.abs(cur_shares - target).sum())
         toward_reference = m["tv_candidate_to_reference"] < m["tv_current_to_reference"]
+    elif prior is not None and len(prior) == num_classes:
+        source = np.asarray(prior, dtype=np.float64)
+        m["tv_candidate_to_prior"] = float(0.5 * np.abs(cand_shares - source).sum())
+        m["tv_current_to_prior"] = float(0.5 * np.abs(cur_shares - source).sum())
+        toward_reference = (
+            m["tv_current_to_prior"] > config.broken_tv and m["tv_candidate_to_prior"] < m["tv_current_to_prior"]
+        )
     # a big change is a repair, not a risk, when it brings the class mix toward the reference mix
     if m["class_tv"] > config.max_class_tv and not toward_reference:
         reasons.append(f"class distribution jump: TV {m['class_tv']:.3f} > {config.max_class_tv}")
@@ -133,6 +151,7 @@ class Gate:
         tiles: torch.Tensor,
         masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
         reference: Sequence[float] | None = None,
+        prior: Sequence[float] | None = None,
     ) -> GateResult:
         """Compare candidate and current model on the region's recent tiles (N, C, H, W)."""
         cand_maps, cand_ent = _predict(candidate, tiles)
@@ -146,4 +165,5 @@ class Gate:
             self.config,
             masks,
             reference,
+            prior,
         )

@@ -79,8 +79,8 @@ def run_adaptation(
     base = base.to(device).eval()
     adapter = create_adapter(job.method or config.method, base, config.method_config, source_tiles=source_tiles)
     candidate = adapter.adapt(_batches(x, config.batch_size, config.epochs, seed=len(tiles)))
-    reference = job.label_shift or base_manifest.class_prior or None
-    result = Gate(config.gate).check(candidate, base, x, [t.mask for t in tiles], reference)
+    masks = [t.mask for t in tiles]
+    result = Gate(config.gate).check(candidate, base, x, masks, job.label_shift, base_manifest.class_prior or None)
     manifest = base_manifest.model_copy(
         update={
             "region": job.region,

@@ -17,7 +17,14 @@ import torch
 from pydantic import Field
 
 from adapters.base import Adapter, AdapterConfig
-from adapters.common import bn_names, configure_bn_training, pixel_entropy, restart_running_stats
+from adapters.common import (
+    PooledBNStats,
+    bn_names,
+    configure_bn_training,
+    frozen_running_stats,
+    pixel_entropy,
+    restart_running_stats,
+)
 from terradapt.model import UNet
 
 
@@ -40,6 +47,7 @@ class SAR(Adapter):
 
     def configure(self, model: UNet) -> None:
         self.params = configure_bn_training(model)
+        self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self.optimizer = torch.optim.SGD(self.params, lr=self.config.lr, momentum=0.9)
         self._fresh = True
         self.loss_ema: float | None = None
@@ -54,6 +62,10 @@ class SAR(Adapter):
         return ent[keep].mean() if bool(keep.any()) else None
 
     def adapt_step(self, batch: torch.Tensor) -> None:
+        self._step(batch)
+        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
+
+    def _step(self, batch: torch.Tensor) -> None:
         self.model.train()
         if self._fresh:
             restart_running_stats(self.model)
@@ -71,7 +83,8 @@ class SAR(Adapter):
             for p, e in zip(self.params, eps, strict=True):
                 p.add_(e)
         self.optimizer.zero_grad(set_to_none=True)
-        second = self._reliable_loss(batch, margin)
+        with frozen_running_stats(self.model):  # the perturbed pass must not enter the target statistics
+            second = self._reliable_loss(batch, margin)
         if second is not None:
             second.backward()  # type: ignore[no-untyped-call]
         with torch.no_grad():  # ... and step from the original point with the gradient found there

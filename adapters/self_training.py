@@ -18,7 +18,7 @@ from pydantic import Field
 from torch.nn import functional as F  # noqa: N812
 
 from adapters.base import Adapter, AdapterConfig
-from adapters.common import bn_names, configure_bn_training, flip_averaged_probs, restart_running_stats
+from adapters.common import PooledBNStats, bn_names, configure_bn_training, flip_averaged_probs, restart_running_stats
 from terradapt.model import UNet
 
 IGNORE = -1
@@ -58,12 +58,17 @@ class SelfTraining(Adapter):
 
     def configure(self, model: UNet) -> None:
         self.optimizer = torch.optim.Adam(configure_bn_training(model), lr=self.config.lr)
+        self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self._fresh = True
 
     def changed_names(self) -> set[str]:
         return bn_names(self.model)
 
     def adapt_step(self, batch: torch.Tensor) -> None:
+        self._step(batch)
+        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
+
+    def _step(self, batch: torch.Tensor) -> None:
         self.model.train()
         if self._fresh:
             restart_running_stats(self.model)

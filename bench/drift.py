@@ -419,8 +419,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{method.name}: {time.time() - t1:.0f} s", flush=True)
     n_reps = {k: len(v) for k, v in streams.items()}
     table = _table(results, memory, n_reps)
-    cmd = "  ".join([".venv/bin/python bench/drift.py", *(argv if argv is not None else sys.argv[1:])]).strip()
+    cmd = " ".join([".venv/bin/python bench/drift.py", *(argv if argv is not None else sys.argv[1:])]).strip()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    dubai = "" if dub is None else "; Dubai " + ", ".join(f"{k} {len(v)}" for k, v in dub.items())
     section = f"""## Drift detection: terradapt detectors vs River
 
 Command: `{cmd}` ({when}, {time.time() - t0:.0f} s including feature extraction when not cached)
@@ -429,8 +430,7 @@ Machine: {_machine()}.
 
 Streams: {reps} replicates per change scenario, {pre} in-distribution tiles then {post} changed tiles (resampled
 with replacement from cached feature pools); no-shift: {n_reps["no shift (synthetic)"]} streams of {long} tiles.
-Pools: synthetic {", ".join(f"{k} {len(v)}" for k, v in syn.items())}
-{"" if dub is None else "; Dubai " + ", ".join(f"{k} {len(v)}" for k, v in dub.items())} tiles of 128 px.
+Pools (tiles of 128 px): synthetic {", ".join(f"{k} {len(v)}" for k, v in syn.items())}{dubai}.
 Every terradapt row is a RegionMonitor at ERT {ERT} tiles (all four signals); River rows run one detector per
 signal on a per-tile scalar, per-check level 1/(4 x {ERT}). Cells: mean detection delay in tiles (missed
 replicates). alibi-detect (MMDDriftOnline, LSDDDriftOnline) not run: it pins numpy<2 (see below).

@@ -66,6 +66,8 @@ DEAD_LETTER_REASONS: Final = (
     "torchserve_auth",
     "torchserve_conflict",
     "packaging_failed",
+    # adaptation errors (adapters.common: a source-replay method started without source tiles)
+    "missing_source_tiles",
     # runner-level reasons (not TerradaptError subclasses)
     "predictor_unavailable",
     "internal_error",

@@ -418,6 +418,7 @@ def compare_outputs(
     config: GateConfig,
     masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
     reference: Sequence[float] | None = None,
+    prior: Sequence[float] | None = None,
 ) -> GateResult:
     """The safety gate's checks (``adapters.gate``), on the *served* outputs of two versions for the same tiles.
 
@@ -437,6 +438,7 @@ def compare_outputs(
         config,
         masks,
         reference,
+        prior,
     )
 
 
@@ -635,7 +637,7 @@ class TorchServeDeployer:
             manifest.unet_config().num_classes,
             self.config.gate,
             masks=[t.mask for t in tiles],
-            reference=manifest.class_prior or None,
+            prior=manifest.class_prior or None,
         )
         return verdict, tiles, canary
 

@@ -150,28 +150,24 @@ def dubai_scenario(cfg: DemoConfig) -> Scenario:
         [],
     )
     sc.source_regions = DUBAI_SOURCES
-    src = {r: patches(r) for r in DUBAI_SOURCES}
+    n_cal = max(2, cfg.calibration_tiles // len(DUBAI_SOURCES))
+    n_tgt = cfg.stream_tiles + cfg.eval_tiles
     held: list[Sample] = []
     for r in DUBAI_SOURCES:
-        tiles = src[r]
-        n_train = int(len(tiles) * 0.6)
-        sc.train += tiles[:n_train]
-        rest = tiles[n_train:]
-        sc.calibration += rest[: len(rest) // 2]
+        tiles = patches(r)
+        sc.train += tiles[: cfg.train_tiles]
+        sc.calibration += tiles[cfg.train_tiles : cfg.train_tiles + n_cal]
         if r == "dubai-2":
-            held = rest[len(rest) // 2 :]
-    k = len(held) // 2
-    sc.streams["dubai-2"], sc.held_out["dubai-2"], sc.shift["dubai-2"] = (
-        held[:k],
-        held[k:],
-        "none (source area)",
-    )
+            held = tiles[cfg.train_tiles + n_cal : cfg.train_tiles + n_cal + n_tgt]
+    k = min(cfg.stream_tiles, len(held) - 1)
+    sc.streams["dubai-2"], sc.held_out["dubai-2"] = held[:k], held[k:]
+    sc.shift["dubai-2"] = "none (source area)"
     hazy = [_shifted(s, "dubai-9", "D013", rng) for s in held]
     sc.streams["dubai-9"], sc.held_out["dubai-9"] = hazy[:k], hazy[k:]
     sc.shift["dubai-9"] = "area 2 under haze + gain (real images)"
     for r, shift in (("dubai-4", "label shift: buildings"), ("dubai-5", "label shift: water")):
-        tiles = patches(r)
-        k = max(1, int(len(tiles) * 0.7))
+        tiles = patches(r)[:n_tgt]
+        k = min(cfg.stream_tiles, len(tiles) - 1)
         sc.streams[r], sc.held_out[r], sc.shift[r] = tiles[:k], tiles[k:], shift
     return sc
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from adapters.common import PooledBNStats
 from adapters.gate import Gate
 from adapters.registry import adapter_class, available_adapters, create_adapter
 from adapters.reset import ResetConfig, ResetPolicy, adapt_with_resets, class_drift
@@ -92,3 +93,17 @@ def test_reset_policy_brings_a_collapsing_adapter_back_to_source(toy):
     adapt_with_resets(adapter, toy["stream"].split(2), policy, copy.deepcopy(source), reference)
     assert policy.resets >= 1
     assert class_drift(source, source, toy["stream"][:2], reference) == 0.0
+
+
+def test_pooled_statistics_do_not_depend_on_the_batch_size():
+    """Batch-1 streams must deploy the variance over all pixels, between-tile variation included."""
+    x = torch.randn(4, 3, 8, 8) + torch.arange(4.0).view(4, 1, 1, 1) * 3  # tiles with very different means
+    bn = torch.nn.BatchNorm2d(3, momentum=None).train()
+    pooled = PooledBNStats(bn)
+    for tile in x.split(1):
+        bn(tile)
+    pooled.write()
+    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, x.transpose(0, 1).reshape(3, -1).var(dim=1), atol=1e-4)
+    pooled.remove()
+    assert not bn._forward_pre_hooks

@@ -265,3 +265,16 @@ def test_dubai_real_class_shares() -> None:
 def test_flair_to_13_applied_to_raw_masks() -> None:
     _, raw = generate_scene(np.random.default_rng(3), 64, DEPARTEMENTS["D033"])
     assert set(np.unique(flair_to_13(raw))) <= set(range(13))
+
+
+def test_dubai_paletted_masks_are_read_like_rgb_ones():
+    """Areas 2, 4... store masks as paletted PNGs (one band + colormap): same class shares as the README."""
+    ds = DubaiDataset()
+    counts = np.zeros(5)
+    for tile_id in ds.tile_ids("dubai-4"):
+        mask = ds.load("dubai-4", tile_id).mask
+        assert mask is not None
+        counts += np.bincount(mask[mask != IGNORE_INDEX].ravel(), minlength=5)[:5]
+    shares = counts / counts.sum()
+    assert abs(shares[0] - 0.40) < 0.03  # buildings
+    assert abs(shares[1] - 0.29) < 0.03  # land

@@ -39,6 +39,17 @@ def test_big_change_toward_the_reference_mix_is_a_repair_not_a_jump():
     assert not without.accepted  # a jump with nothing to compare it to
     with_ref = judge(repaired, [1.0, 1.0], broken, [1.2, 1.2], 4, cfg, reference=[0.25] * 4)
     assert with_ref.accepted, with_ref.reasons
+    # without an estimate, the source prior only waives the jump when the current mix is implausible (broken)
+    assert judge(repaired, [1.0, 1.0], broken, [1.2, 1.2], 4, cfg, prior=[0.25] * 4).accepted
+
+
+def test_moving_toward_the_source_prior_is_not_enough_under_label_shift():
+    """A water-rich region predicted right (current) vs a candidate pulled back to the source mix: rejected."""
+    current = [np.array([[0, 0, 0, 1]] * 4, np.uint8)] * 2  # 75% class 0: plausible, TV 0.5 from the prior below
+    candidate = [np.array([[0, 1, 2, 3]] * 4, np.uint8)] * 2  # back to the uniform source mix
+    result = judge(candidate, [1.0, 1.0], current, [1.0, 1.0], 4, GateConfig(), prior=[0.25] * 4)
+    assert not result.accepted
+    assert any("jump" in r or "agreement" in r for r in result.reasons)
 
 
 def test_labelled_check_rejects_a_worse_candidate():

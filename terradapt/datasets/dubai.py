@@ -8,10 +8,13 @@ the shared folder and is read in place (see shared/data/README.md), never copied
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 
 from terradapt.classes import DUBAI_CLASSES, DUBAI_PALETTE, IGNORE_INDEX
 from terradapt.datasets.base import Sample
@@ -30,6 +33,7 @@ ENV_ROOT = "TERRADAPT_DUBAI_ROOT"
 #: Images are plain JPEG/PNG: 3 bands, no georeferencing.
 _IMAGE_SPEC = RasterSpec(band_count=3, require_crs=False, band_names=("red", "green", "blue"))
 _MASK_SPEC = RasterSpec(band_count=3, require_crs=False, max_nodata_fraction=1.0)
+_PALETTED_SPEC = RasterSpec(band_count=None, require_crs=False, max_nodata_fraction=1.0)
 _PALETTE = np.asarray(DUBAI_PALETTE, dtype=np.int32)
 #: Palette index -> class index; the last colour ("unlabeled") is ignored.
 _PALETTE_TO_CLASS = np.array([*range(len(DUBAI_PALETTE) - 1), IGNORE_INDEX], dtype=np.uint8)
@@ -61,6 +65,21 @@ def rgb_to_classes(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
         distances = ((colours[:, None, :] - _PALETTE[None, :, :]) ** 2).sum(axis=2)
         index[off] = distances.argmin(axis=1)
     return _PALETTE_TO_CLASS[index]
+
+
+def _mask_rgb(path: Path) -> npt.NDArray[np.uint8]:
+    """The mask as RGB (3, H, W): most masks are RGB PNGs, some areas' are paletted PNGs (one band + colormap)."""
+    mask = read_raster(path, _PALETTED_SPEC)
+    if mask.count == 3:
+        return mask.data.astype(np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            colormap = src.colormap(1)
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    for index, rgba in colormap.items():
+        lut[index] = rgba[:3]
+    return np.moveaxis(lut[mask.data[0]], -1, 0)
 
 
 class DubaiDataset:
@@ -119,7 +138,7 @@ class DubaiDataset:
         mask_path = folder / "masks" / f"{tile_id}.png"
         mask = None
         if mask_path.is_file():
-            rgb = read_raster(mask_path, _MASK_SPEC).data
+            rgb = _mask_rgb(mask_path)
             if rgb.shape[1:] != image.data.shape[1:]:
                 raise InvalidTileError("mask_shape", rgb.shape[1:], f"the image size {image.data.shape[1:]}")
             mask = rgb_to_classes(rgb)
