@@ -19,7 +19,7 @@ from terradapt.settings import StrictModel
 class TriggerConfig(StrictModel):
     """Trigger policy."""
 
-    min_tiles: int = Field(default=8, ge=1, description="recent tiles needed before a job is issued")
+    min_tiles: int = Field(default=16, ge=1, description="recent tiles needed before a job is issued")
     cooldown_tiles: int = Field(default=50, ge=0, description="tiles of the region between two jobs")
     max_versions: int = Field(default=5, ge=1, description="adapted versions per region")
     adapt_on_label_shift: bool = False

@@ -48,6 +48,9 @@ SIGNALS: dict[str, tuple[Callable[[TileFeatures], Vector], bool]] = {
     "batchnorm": (_batchnorm, False),
     "prediction": (_prediction, False),
 }
+#: score/threshold of a covariate signal above which its evidence stands on its own (measured on the synthetic
+#: departements: label shift leaked up to ~1.5x into radiometry, covariate shifts gave 4x to 60x)
+STRONG_RATIO = 2.0
 COVARIATE_SIGNALS = tuple(name for name, (_, covariate) in SIGNALS.items() if covariate)
 
 
@@ -104,15 +107,17 @@ class MonitorUpdate:
     def covariate_shift(self) -> bool:
         """Whether the evidence points at covariate shift (adaptation may help).
 
-        A covariate signal must have fired *and* be at least as strong (score/threshold) as the prediction
-        signal: class-conditional radiometry is not perfectly blind to the class mix (misclassified pixels leak
-        into it), so under a strong label shift it can cross its threshold while the prediction signal is far
-        stronger.
+        A covariate signal must have fired *and* be either clearly over its threshold (``STRONG_RATIO``) or at
+        least as strong (score/threshold) as the prediction signal: class-conditional radiometry is not perfectly
+        blind to the class mix (misclassified pixels leak into it), so under a strong label shift it can just
+        cross its threshold while the prediction signal is far stronger.
         """
         fired = [s for s in self.fired if s in COVARIATE_SIGNALS]
         if not fired:
             return False
         strongest = max(self.ratio(s) for s in fired)
+        if strongest >= STRONG_RATIO:
+            return True
         return "prediction" not in self.scores or strongest >= self.ratio("prediction")
 
     def ratio(self, signal: str) -> float:
