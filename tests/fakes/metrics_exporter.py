@@ -64,6 +64,7 @@ def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 16) -> dict[
             eval_tiles=2,
             train_steps=10,
             base_channels=4,
+            trigger={"min_tiles": 8},  # adapt early, so the adapted version's labelled accuracy exists too
             workdir=root / "work",
             cache_dir=root / "cache",
             report_dir=root / "report",
