@@ -15,15 +15,14 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from adapters.base import Adapter, AdapterConfig
+from adapters.base import AdapterConfig
 from adapters.common import (
     PooledBNStats,
     SourceReplay,
-    bn_names,
     configure_bn_training,
     frozen_running_stats,
-    restart_running_stats,
 )
+from adapters.pooled import PooledBNAdapter
 from terradapt.model import UNet
 
 
@@ -53,7 +52,7 @@ def coral_loss(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (torch.cov(source.T) - torch.cov(target.T)).pow(2).sum() / (4 * d * d)
 
 
-class DeepCoral(Adapter):
+class DeepCoral(PooledBNAdapter):
     """Align target bottleneck feature covariance with replayed source tiles."""
 
     name = "coral"
@@ -69,18 +68,7 @@ class DeepCoral(Adapter):
         self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self._fresh = True
 
-    def changed_names(self) -> set[str]:
-        return bn_names(self.model)
-
-    def adapt_step(self, batch: torch.Tensor) -> None:
-        self._step(batch)
-        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
-
     def _step(self, batch: torch.Tensor) -> None:
-        self.model.train()
-        if self._fresh:
-            restart_running_stats(self.model)
-            self._fresh = False
         target = bottleneck_pixels(self.model, batch)
         with frozen_running_stats(self.model):
             source = bottleneck_pixels(self.model, self.replay.sample(self.config.source_batch, batch.device))

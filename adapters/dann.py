@@ -17,15 +17,14 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from adapters.base import Adapter, AdapterConfig
+from adapters.base import AdapterConfig
 from adapters.common import (
     PooledBNStats,
     SourceReplay,
-    bn_names,
     configure_bn_training,
     frozen_running_stats,
-    restart_running_stats,
 )
+from adapters.pooled import PooledBNAdapter
 from terradapt.model import UNet
 
 
@@ -50,7 +49,7 @@ class _GradReverse(torch.autograd.Function):
         return -ctx.weight * grads[0], None
 
 
-class DANN(Adapter):
+class DANN(PooledBNAdapter):
     """Gradient reversal from a small domain classifier on pooled bottleneck features."""
 
     name = "dann"
@@ -73,18 +72,7 @@ class DANN(Adapter):
         self.optimizer = torch.optim.Adam(params, lr=self.config.lr)
         self._fresh = True
 
-    def changed_names(self) -> set[str]:
-        return bn_names(self.model)
-
-    def adapt_step(self, batch: torch.Tensor) -> None:
-        self._step(batch)
-        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
-
     def _step(self, batch: torch.Tensor) -> None:
-        self.model.train()
-        if self._fresh:
-            restart_running_stats(self.model)
-            self._fresh = False
         _, target = self.model.forward_features(batch)
         with frozen_running_stats(self.model):
             _, source = self.model.forward_features(self.replay.sample(self.config.source_batch, batch.device))

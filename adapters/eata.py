@@ -19,8 +19,13 @@ import torch
 from pydantic import Field
 from torch.nn import functional as F  # noqa: N812
 
-from adapters.base import Adapter, AdapterConfig
-from adapters.common import PooledBNStats, bn_names, configure_bn_training, pixel_entropy, restart_running_stats
+from adapters.base import AdapterConfig
+from adapters.common import (
+    PooledBNStats,
+    configure_bn_training,
+    pixel_entropy,
+)
+from adapters.pooled import PooledBNAdapter
 from terradapt.model import UNet
 
 
@@ -33,7 +38,7 @@ class EATAConfig(AdapterConfig):
     anchor_weight: float = Field(default=1.0, ge=0, description="alpha of the Fisher / L2 anchor")
 
 
-class EATA(Adapter):
+class EATA(PooledBNAdapter):
     """Reliable, non-redundant entropy minimisation with a Fisher (or L2) anchor to the source weights."""
 
     name = "eata"
@@ -72,18 +77,7 @@ class EATA(Adapter):
         scale = torch.cat([f.flatten() for f in fisher.values()]).mean().clamp_min(1e-12)
         return {n: f / scale for n, f in fisher.items()}
 
-    def changed_names(self) -> set[str]:
-        return bn_names(self.model)
-
-    def adapt_step(self, batch: torch.Tensor) -> None:
-        self._step(batch)
-        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
-
     def _step(self, batch: torch.Tensor) -> None:
-        self.model.train()
-        if self._fresh:
-            restart_running_stats(self.model)
-            self._fresh = False
         logits = self.model(batch)
         ent = pixel_entropy(logits)
         e0 = self.config.entropy_margin * math.log(logits.shape[1])

@@ -17,8 +17,13 @@ import torch
 from pydantic import Field
 from torch.nn import functional as F  # noqa: N812
 
-from adapters.base import Adapter, AdapterConfig
-from adapters.common import PooledBNStats, bn_names, configure_bn_training, flip_averaged_probs, restart_running_stats
+from adapters.base import AdapterConfig
+from adapters.common import (
+    PooledBNStats,
+    configure_bn_training,
+    flip_averaged_probs,
+)
+from adapters.pooled import PooledBNAdapter
 from terradapt.model import UNet
 
 IGNORE = -1
@@ -49,7 +54,7 @@ def class_balanced_labels(probs: torch.Tensor, keep_fraction: float, min_confide
     return out
 
 
-class SelfTraining(Adapter):
+class SelfTraining(PooledBNAdapter):
     """Cross-entropy on class-balanced, flip-averaged pseudo-labels."""
 
     name = "self-training"
@@ -61,18 +66,7 @@ class SelfTraining(Adapter):
         self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self._fresh = True
 
-    def changed_names(self) -> set[str]:
-        return bn_names(self.model)
-
-    def adapt_step(self, batch: torch.Tensor) -> None:
-        self._step(batch)
-        self.pooled.write()  # after backward: autograd saved the running-stat tensors of this step
-
     def _step(self, batch: torch.Tensor) -> None:
-        self.model.train()
-        if self._fresh:
-            restart_running_stats(self.model)
-            self._fresh = False
         logits = self.model(batch)  # batch statistics; also accumulates the target running statistics
         with torch.no_grad():
             self.model.eval()
