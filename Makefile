@@ -62,9 +62,13 @@ torchserve-down:
 docs: install system-deps
 	TERRADAPT_WRITE_DOCS=1 $(PY) -m pytest -m docs tests/test_dashboard.py
 
-## benchmark-only extras (River; alibi-detect cannot be installed next to numpy 2, see docs/benchmarks.md)
+## benchmark-only extras: River in the project venv; alibi-detect pins numpy<2 while River needs numpy>=2.2.5,
+## so it gets a venv of its own (.venv-alibi, torch from pip's cache) that bench/drift.py calls
+ALIBI_VENV := .venv-alibi
 bench-extras: install
 	$(PY) -m pip install -q 'river==0.26.1'
+	@test -x $(ALIBI_VENV)/bin/python || $(PYTHON) -m venv $(ALIBI_VENV)
+	$(ALIBI_VENV)/bin/python -m pip install -q 'numpy<2' 'alibi-detect[torch]==0.13.0'
 
 bench: install bench-extras
 	$(PY) bench/serving.py

@@ -10,6 +10,13 @@ Checks, each with the reason recorded when it fails:
   the source prior): when the current model has collapsed on a shifted region, a large jump is the repair;
 * agreement - the candidate disagrees with the current model on too many pixels (waived, like the jump, when
   the candidate's class mix is closer to the reference than the current model's);
+* the reference mixes: the region's label-shift estimate (BBSE, ``AdaptationJob.label_shift``) when it is
+  within ``broken_tv`` of the source prior (BBSE assumes pure label shift; an estimate that far from the prior
+  mostly echoes a source model broken by covariate shift), and the source prior when the current model's mix is
+  farther than ``broken_tv`` from it (the current model has collapsed). Moving toward either waives the jump and
+  agreement checks; the estimate never rejects on its own: measured on the synthetic departements
+  (bench/adaptation.py), rejecting candidates that moved away from it also rejected the repairs of
+  covariate-shifted regions, whose source predictions bias it;
 * labelled mIoU - when labelled tiles exist, the candidate must not be worse than the current model.
 """
 
@@ -74,13 +81,16 @@ def judge(
     masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
     reference: Sequence[float] | None = None,
     prior: Sequence[float] | None = None,
+    covariate: bool = False,
 ) -> GateResult:
     """The gate's decision from two versions' class maps and per-tile entropies on the same tiles.
 
-    ``reference`` is a label-shift estimate of the region's class mix; ``prior`` the source class mix. A big
-    change (class-mix jump, low agreement) is accepted as a repair when it moves the predicted mix toward the
-    estimate, or, without an estimate, toward the source prior *and* the current model's mix is implausibly far
-    from that prior (``broken_tv``: the current model has collapsed on a shifted region). Moving toward the
+    ``reference`` is a label-shift estimate of the region's class mix (trusted unless farther than ``broken_tv``
+    from ``prior``); ``prior`` the source class mix. A big change (class-mix jump, low agreement) is accepted as
+    a repair when it moves the predicted mix toward the trusted estimate, or toward the source prior *when* the
+    current model's mix is implausibly far from that prior (``broken_tv``: the current model has collapsed on a
+    shifted region) or the monitor's evidence is covariate shift (``covariate``: the class-conditional
+    radiometry moved, so the current predictions, not the class mix, are what changed). Moving toward the
     source prior alone is not enough: under pure label shift that is exactly what BatchNorm re-estimation does
     wrong (shared/FINDINGS.md).
 
@@ -109,17 +119,22 @@ def judge(
     if m["max_class_share"] > config.max_class_share and cur_shares.max() <= config.max_class_share:
         reasons.append(f"class collapse: one class covers {m['max_class_share']:.0%} of pixels")
     toward_reference = False
-    if reference is not None and len(reference) == num_classes:
+    trusted = reference is not None and len(reference) == num_classes
+    if trusted and prior is not None and len(prior) == num_classes:
+        m["tv_reference_to_prior"] = float(0.5 * np.abs(np.asarray(reference) - np.asarray(prior)).sum())
+        trusted = m["tv_reference_to_prior"] <= config.broken_tv
+    if trusted and reference is not None:
         target = np.asarray(reference, dtype=np.float64)
         m["tv_candidate_to_reference"] = float(0.5 * np.abs(cand_shares - target).sum())
         m["tv_current_to_reference"] = float(0.5 * np.abs(cur_shares - target).sum())
         toward_reference = m["tv_candidate_to_reference"] < m["tv_current_to_reference"]
-    elif prior is not None and len(prior) == num_classes:
+    if prior is not None and len(prior) == num_classes:
         source = np.asarray(prior, dtype=np.float64)
         m["tv_candidate_to_prior"] = float(0.5 * np.abs(cand_shares - source).sum())
         m["tv_current_to_prior"] = float(0.5 * np.abs(cur_shares - source).sum())
-        toward_reference = (
-            m["tv_current_to_prior"] > config.broken_tv and m["tv_candidate_to_prior"] < m["tv_current_to_prior"]
+        toward_reference = toward_reference or (
+            (m["tv_current_to_prior"] > config.broken_tv or covariate)
+            and m["tv_candidate_to_prior"] < m["tv_current_to_prior"]
         )
     # a big change is a repair, not a risk, when it brings the class mix toward the reference mix
     if m["class_tv"] > config.max_class_tv and not toward_reference:
@@ -152,6 +167,7 @@ class Gate:
         masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
         reference: Sequence[float] | None = None,
         prior: Sequence[float] | None = None,
+        covariate: bool = False,
     ) -> GateResult:
         """Compare candidate and current model on the region's recent tiles (N, C, H, W)."""
         cand_maps, cand_ent = _predict(candidate, tiles)
@@ -166,4 +182,5 @@ class Gate:
             masks,
             reference,
             prior,
+            covariate,
         )

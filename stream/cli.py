@@ -314,9 +314,14 @@ def registry_init(
     manifest = ModelManifest.model_validate_json((model_dir / MANIFEST_FILE).read_bytes())
     version = registry.publish_source((model_dir / WEIGHTS_FILE).read_bytes(), manifest)
     _, samples = _flair_samples(data, regions.split(",") if regions else None)
-    images = [s.image for s in samples if isinstance(s, Sample)]
+    tiles = [s for s in samples if isinstance(s, Sample)]
+    images = [s.image for s in tiles]
+    # labels, when every calibration tile has one, give the source confusion matrix for label-shift estimates
+    masks = [s.mask for s in tiles if s.mask is not None]
     predictor = InProcessPredictor(registry, device=settings.runtime.device)
-    calibration = calibrate_monitor(predictor, images, settings.monitor, settings.runtime.seed)
+    calibration = calibrate_monitor(
+        predictor, images, settings.monitor, settings.runtime.seed, masks if len(masks) == len(tiles) else None
+    )
     store.put(CALIBRATION_KEY, json.dumps(calibration).encode(), "application/json")
     _console().print(
         f"source model {version.href} (sha256 {version.sha256[:12]}...), calibrated on {len(images)} tiles"

@@ -177,32 +177,32 @@ def _shifted(s: Sample, region: str, preset: str, rng: np.random.Generator) -> S
     return Sample(shift_image(s.image, factors, rng), s.mask, region, s.tile_id + "-shifted", s.crs, s.transform)
 
 
-def _acquisitions(sc: Scenario, spec: RasterSpec) -> Iterator[StreamItem]:
-    """Round-robin over regions, one acquisition a minute, each a GeoTIFF in memory."""
-    t0 = datetime(2024, 6, 1, tzinfo=UTC)
-    longest = max(len(v) for v in sc.streams.values())
-    i = 0
+def stream_item(region: str, index: int, s: Sample, bands: tuple[str, ...]) -> StreamItem:
+    """One sample as the ``index``-th acquisition of ``region`` (a GeoTIFF in memory, one a minute)."""
+    data = raster_to_geotiff_bytes(Raster(s.image, s.crs, s.transform, band_names=bands))
+    tf = s.transform
+    h, w = s.image.shape[1:]
+    xs, ys = (tf.c, tf.c + tf.a * w), (tf.f, tf.f + tf.e * h)
+    acq = Acquisition(
+        id=f"{region}-{index:05d}",
+        region=region,
+        datetime=datetime(2024, 6, 1, tzinfo=UTC) + timedelta(minutes=index),
+        bbox=(min(xs), min(ys), max(xs), max(ys)),
+        crs=s.crs,
+        bands=bands,
+        href=f"memory://{region}/{s.tile_id}.tif",
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    return StreamItem(acq, data, s.mask)
+
+
+def _acquisitions(streams: dict[str, list[Sample]], bands: tuple[str, ...]) -> Iterator[StreamItem]:
+    """Round-robin over regions."""
+    longest = max(len(v) for v in streams.values())
     for k in range(longest):
-        for region, tiles in sc.streams.items():
-            if k >= len(tiles):
-                continue
-            s = tiles[k]
-            data = raster_to_geotiff_bytes(Raster(s.image, s.crs, s.transform, band_names=sc.bands))
-            tf = s.transform
-            h, w = s.image.shape[1:]
-            xs, ys = (tf.c, tf.c + tf.a * w), (tf.f, tf.f + tf.e * h)
-            acq = Acquisition(
-                id=f"{region}-{k:05d}",
-                region=region,
-                datetime=t0 + timedelta(minutes=i),
-                bbox=(min(xs), min(ys), max(xs), max(ys)),
-                crs=s.crs,
-                bands=sc.bands,
-                href=f"memory://{region}/{s.tile_id}.tif",
-                sha256=hashlib.sha256(data).hexdigest(),
-            )
-            i += 1
-            yield StreamItem(acq, data, s.mask)
+        for region, tiles in streams.items():
+            if k < len(tiles):
+                yield stream_item(region, k, tiles[k], bands)
 
 
 def _cache_key(cfg: DemoConfig, sc: Scenario) -> str:
@@ -275,6 +275,26 @@ def run_demo(
     sc = synthetic_scenario(cfg) if cfg.dataset == "synthetic" else dubai_scenario(cfg)
     stage("source model")
     model, manifest, cached = source_model(cfg, sc, on_train)
+    rows, result, registry = run_stream(cfg, sc, model, manifest, on_tile=on_tile, on_stage=stage, metrics=metrics)
+    title = f"terradapt demo - {sc.name}"
+    report = write_report(cfg.report_dir, result, rows, title)
+    write_state(dashboard_state(result, registry, rows=rows, title=title), cfg.report_dir / "state.json")
+    return DemoResult(rows, result, report, cached)
+
+
+def build_pipeline(
+    cfg: DemoConfig,
+    sc: Scenario,
+    model: UNet,
+    manifest: ModelManifest,
+    *,
+    regions: frozenset[str] | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> Pipeline:
+    """A fresh file-system registry under ``cfg.workdir`` with the source model, calibrated on ``sc.calibration``.
+
+    With labelled calibration tiles the calibration also holds the source confusion matrix (label-shift estimates).
+    """
     if cfg.workdir.exists():
         shutil.rmtree(cfg.workdir)
     store = FileSystemStore(cfg.workdir / "registry")
@@ -282,31 +302,57 @@ def run_demo(
     weights, manifest_json = encode(model, manifest)
     registry.publish_source(weights, ModelManifest.model_validate_json(manifest_json))
     predictor = InProcessPredictor(registry, device=cfg.device, window=max(cfg.tile_size, 256))
-    stage("calibrating drift tests on held-out source tiles")
-    calibration = calibrate_monitor(predictor, [s.image for s in sc.calibration], cfg.monitor, cfg.seed)
+    calib_masks = [s.mask for s in sc.calibration if s.mask is not None]
+    calibration = calibrate_monitor(
+        predictor,
+        [s.image for s in sc.calibration],
+        cfg.monitor,
+        cfg.seed,
+        calib_masks if len(calib_masks) == len(sc.calibration) else None,
+    )
     store.put(CALIBRATION_KEY, json.dumps(calibration).encode(), "application/json")
-    pipeline = Pipeline(
+    return Pipeline(
         registry=registry,
         predictor=predictor,
         deployer=InProcessDeployer(registry),
         adaptation=cfg.adaptation,
         monitor_config=cfg.monitor,
         spec=sc.spec,
-        regions=frozenset(sc.streams),
+        regions=regions,
         predictions=FileSystemStore(cfg.workdir / "predictions"),
         metrics=metrics,
     )
+
+
+def run_stream(
+    cfg: DemoConfig,
+    sc: Scenario,
+    model: UNet,
+    manifest: ModelManifest,
+    *,
+    on_tile: Callable[[TileLog], None] | None = None,
+    on_stage: Callable[[str], None] | None = None,
+    metrics: ServiceMetrics | None = None,
+) -> tuple[list[RegionRow], RunResult, ModelRegistry]:
+    """The system's loop on a scenario: fresh registry under ``cfg.workdir``, calibration, stream, evaluation.
+
+    What ``bench/adaptation.py`` measures as the terradapt policy (monitor + trigger + method + gate).
+    """
+    stage = on_stage or (lambda _: None)
+    stage("calibrating drift tests on held-out source tiles")
+    pipeline = build_pipeline(cfg, sc, model, manifest, regions=frozenset(sc.streams), metrics=metrics)
+    registry = pipeline.registry
     runner = EmbeddedRunner(pipeline, trigger=cfg.trigger, on_tile=on_tile)
     stage("streaming acquisitions")
-    result = runner.run(_acquisitions(sc, sc.spec))
+    result = runner.run(_acquisitions(sc.streams, sc.bands))
     stage("evaluating on held-out labelled tiles")
     rows = []
     for region, held in sc.held_out.items():
         images = [s.image for s in held]
         masks = [s.mask for s in held if s.mask is not None]
         current = registry.current(region)
-        src_eval = evaluate(predictor.model(region, 0), images, masks)
-        cur_eval = src_eval if current == 0 else evaluate(predictor.model(region, current), images, masks)
+        src_eval = evaluate(registry.load(region, 0)[0], images, masks)
+        cur_eval = src_eval if current == 0 else evaluate(registry.load(region, current)[0], images, masks)
         det = result.first_detection.get(region)
         fired = next((",".join(e.fired) for e in result.drift_events if e.region == region), "-")
         gates = [a for a in result.adaptations if a.version.region == region]
@@ -326,7 +372,4 @@ def run_demo(
                 cur_eval.miou,
             )
         )
-    title = f"terradapt demo - {sc.name}"
-    report = write_report(cfg.report_dir, result, rows, title)
-    write_state(dashboard_state(result, registry, rows=rows, title=title), cfg.report_dir / "state.json")
-    return DemoResult(rows, result, report, cached)
+    return rows, result, registry

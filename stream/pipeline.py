@@ -21,16 +21,19 @@ import numpy.typing as npt
 
 from adapters.buffer import BufferedTile
 from adapters.gate import GateResult
-from adapters.job import AdaptationConfig, run_adaptation
+from adapters.job import AdaptationConfig, reset_to_source, run_adaptation
 from adapters.trigger import Trigger, TriggerDecision
 from monitoring.features import TileFeatures
+from monitoring.label_shift import BBSE
 from monitoring.metrics import ServiceMetrics
 from monitoring.monitor import MonitorConfig, MonitorUpdate, RegionMonitor
 from serving.predictor import Predictor, TileOutput
 from serving.registry import ModelRegistry
 from serving.rollout import Deployer
 from serving.store import BlobStore
+from terradapt.classes import IGNORE_INDEX
 from terradapt.errors import TerradaptError, UnknownRegionError
+from terradapt.metrics import confusion_matrix
 from terradapt.raster import Raster, RasterSpec, read_raster, write_cog
 from terradapt.records import (
     Acquisition,
@@ -206,11 +209,14 @@ class Pipeline:
     ) -> Observed:
         """Update the region's monitor; turn a covariate-drift alarm into an adaptation job when due.
 
-        ``recent`` lists the region's buffered tiles as (acquisition id, object href): the job carries them so
-        the adaptation worker can fetch the same tiles.
+        ``recent`` lists the region's buffered tiles as (acquisition id, object href): the job carries those that
+        arrived since the drift was detected (tiles from before the change would adapt the model to the old
+        distribution), and the trigger waits until there are enough of them.
         """
         t0 = time.perf_counter()
         update = monitor.update(features_from_record(features), features.model_version)
+        if monitor.detected_at is not None:
+            recent = list(recent)[-(monitor.tiles_seen - monitor.detected_at + 1) :]
         trigger.observe(acq.region)
         drift = None
         if update.fired:
@@ -238,7 +244,7 @@ class Pipeline:
                 job_id=f"adapt-{acq.id}",
                 region=acq.region,
                 base_version=features.model_version,
-                method=self.adaptation.method,
+                method=self.adaptation.method_for(acq.region).method,
                 tile_ids=tuple(i for i, _ in recent),
                 tile_hrefs=tuple(h for _, h in recent),
                 trigger=drift,
@@ -251,12 +257,43 @@ class Pipeline:
         return Observed(update, drift, decision, job)
 
     # -- adapt + gate + publish ------------------------------------------------------------------------------
+    def label_shift(self, source_outputs: Sequence[TileOutput]) -> tuple[float, ...] | None:
+        """BBSE estimate of the region's class mix from the source model's predictions on the job's tiles.
+
+        Uses the source confusion matrix stored with the calibration (``None`` when it was calibrated without
+        labels). The estimate is the gate's reference class mix; the gate decides whether to trust it.
+        """
+        stored = self.calibration().get("label_shift")
+        if not stored or not source_outputs:
+            return None
+        shares = np.mean([o.features.class_shares for o in source_outputs], axis=0)
+        return BBSE(np.asarray(stored["confusion"], dtype=np.float64)).estimate(shares).as_tuple()
+
+    def shifted_from_source(self, source_outputs: Sequence[TileOutput]) -> bool:
+        """Whether the job's tiles, seen by the source model, show covariate shift against the source calibration.
+
+        A region on an adapted version raises a new alarm when its data moves away from what that version was
+        adapted to; if the tiles now look like source data (no covariate evidence against the source-calibrated
+        monitor), the right model is the source model again, not a further adaptation.
+        """
+        monitor = self.new_monitor()
+        return any(monitor.update(o.features, 0).covariate_shift for o in source_outputs)
+
     def adapt(self, job: AdaptationJob, tiles: Sequence[BufferedTile]) -> Adapted:
         """Adapt the job's base version on ``tiles``, gate it, publish it (rejected versions are kept, flagged)."""
         t0 = time.perf_counter()
         try:
-            base, manifest = self.registry.load(job.region, job.base_version)
-            outcome = run_adaptation(job, base, manifest, tiles, self.adaptation)
+            source_outputs = self.predictor.predict(job.region, [t.image for t in tiles], version=0)
+            if job.label_shift is None:
+                job = job.model_copy(update={"label_shift": self.label_shift(source_outputs)})
+            # every version is the source model adapted once on the region's recent tiles: no compounding of
+            # adaptations, and a region whose shift went away goes back to the source weights
+            source, manifest = self.registry.load(job.region, 0)
+            if job.base_version != 0 and not self.shifted_from_source(source_outputs):
+                outcome = reset_to_source(job, source, manifest, tiles)
+            else:
+                current = None if job.base_version == 0 else self.registry.load(job.region, job.base_version)[0]
+                outcome = run_adaptation(job, source, manifest, tiles, self.adaptation, current=current)
             version = self.registry.publish(outcome.weights, outcome.manifest)
         except Exception:
             if self.metrics is not None:
@@ -265,9 +302,9 @@ class Pipeline:
         if self.metrics is not None:
             elapsed = time.perf_counter() - t0
             if outcome.gate.accepted:
-                self.metrics.observe_adaptation(job.region, job.method, "accepted", elapsed)
+                self.metrics.observe_adaptation(job.region, outcome.manifest.method, "accepted", elapsed)
             else:
-                self.metrics.observe_adaptation(job.region, job.method, "rejected", elapsed)
+                self.metrics.observe_adaptation(job.region, outcome.manifest.method, "rejected", elapsed)
         return Adapted(version, outcome.gate)
 
     def deploy(self, version: ModelVersion) -> RolloutEvent | None:
@@ -285,11 +322,23 @@ def calibrate_monitor(
     images: Sequence[npt.NDArray[np.uint8]],
     config: MonitorConfig,
     seed: int = 0,
+    masks: Sequence[npt.NDArray[np.uint8]] | None = None,
 ) -> dict[str, Any]:
-    """Calibrate a monitor on held-out source tiles predicted by the source model; return its state."""
+    """Calibrate a monitor on held-out source tiles predicted by the source model; return its state.
+
+    With ``masks`` (labels of the same tiles), the state also carries the source model's pixel confusion matrix
+    under ``label_shift.confusion`` (``[pred, true]`` counts): what BBSE needs to estimate a region's class mix.
+    """
     outs = predictor.predict("source", list(images), version=0)
     feats = [o.features for o in outs]
     half = len(feats) // 2
     monitor = RegionMonitor(config)
     monitor.calibrate(feats[:half], feats[half:], seed=seed)
-    return monitor.state_dict()
+    state = monitor.state_dict()
+    if masks is not None:
+        if len(masks) != len(outs):
+            raise ValueError(f"{len(masks)} masks for {len(outs)} calibration tiles")
+        k = feats[0].class_shares.shape[0]
+        cm = sum(confusion_matrix(o.class_map, m, k, IGNORE_INDEX) for o, m in zip(outs, masks, strict=True))
+        state["label_shift"] = {"confusion": np.asarray(cm).T.tolist()}  # truth rows -> [pred, true]
+    return state

@@ -51,3 +51,12 @@ def test_report_written(demo):
     html = demo.report.read_text()
     assert "D013" in html and "data:image/png;base64," in html
     assert (demo.report.parent / "drift.png").stat().st_size > 10_000
+
+
+def test_jobs_carry_a_label_shift_estimate_from_the_source_confusion(demo):
+    """The calibration's labelled tiles give BBSE its confusion matrix; each job's gate saw the estimate."""
+    assert demo.run.adaptations
+    for adapted in demo.run.adaptations:
+        manifest_metrics = adapted.gate.metrics
+        assert "tv_reference_to_prior" in manifest_metrics, manifest_metrics
+        assert 0.0 <= manifest_metrics["tv_reference_to_prior"] <= 1.0

@@ -58,3 +58,33 @@ def test_labelled_check_rejects_a_worse_candidate():
     result = judge(bad, [0.5], good, [0.5], 2, GateConfig(min_agreement=0.0, max_class_tv=1.0), masks=truth)
     assert not result.accepted
     assert any("mIoU" in r for r in result.reasons)
+
+
+def test_a_label_shift_estimate_far_from_the_prior_is_not_trusted():
+    """BBSE on a source model broken by covariate shift echoes its collapse: the gate falls back to the prior."""
+    broken = [np.zeros((8, 8), np.uint8)] * 2  # collapsed on class 0
+    repaired = [np.arange(64, dtype=np.uint8).reshape(8, 8) % 4] * 2
+    cfg = GateConfig(max_class_share=1.0)
+    echo = [0.97, 0.01, 0.01, 0.01]  # the estimate repeats the collapse: TV 0.72 from the uniform prior
+    result = judge(repaired, [1.0, 1.0], broken, [1.2, 1.2], 4, cfg, reference=echo, prior=[0.25] * 4)
+    assert result.metrics["tv_reference_to_prior"] > cfg.broken_tv
+    assert "tv_candidate_to_reference" not in result.metrics  # not used
+    assert result.accepted, result.reasons  # the prior's broken-model waiver applies
+    # a plausible estimate (within broken_tv of the prior) is the reference: on a label-shifted region predicted
+    # right, a candidate pulled back to the source mix moves away from it, and nothing waives the jump
+    current = [np.array([[0, 0, 0, 1]] * 4, np.uint8)] * 2  # 75% class 0
+    uniform = [np.array([[0, 1, 2, 3]] * 4, np.uint8)] * 2
+    plausible = [0.7, 0.1, 0.1, 0.1]
+    result = judge(uniform, [1.0, 1.0], current, [1.0, 1.0], 4, GateConfig(), reference=plausible, prior=[0.25] * 4)
+    assert result.metrics["tv_candidate_to_reference"] > result.metrics["tv_current_to_reference"]
+    assert not result.accepted
+    assert any("jump" in r for r in result.reasons)
+
+
+def test_covariate_evidence_lets_a_move_toward_the_prior_through():
+    """Under covariate shift the current predictions are what changed: moving back toward the prior is a repair."""
+    current = [np.array([[0, 0, 0, 1]] * 4, np.uint8)] * 2  # 75% class 0, TV 0.5 from the prior: not "broken"
+    candidate = [np.array([[0, 1, 2, 3]] * 4, np.uint8)] * 2
+    args = (candidate, [1.0, 1.0], current, [1.0, 1.0], 4, GateConfig())
+    assert not judge(*args, prior=[0.25] * 4).accepted  # label shift (no covariate evidence): rejected
+    assert judge(*args, prior=[0.25] * 4, covariate=True).accepted

@@ -38,7 +38,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 16) -> dict[str, Any]:
+def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 24) -> dict[str, Any]:
     """Run the tiny embedded demo with ``metrics`` wired into its pipeline; return a summary of what happened."""
     import stream.demo as demo
     from stream.embedded import StreamItem
@@ -64,7 +64,7 @@ def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 16) -> dict[
             eval_tiles=2,
             train_steps=10,
             base_channels=4,
-            trigger={"min_tiles": 8},  # adapt early, so the adapted version's labelled accuracy exists too
+            trigger={"min_tiles": 6},  # adapt early (6 tiles after detection): the adapted version gets labels too
             workdir=root / "work",
             cache_dir=root / "cache",
             report_dir=root / "report",
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--stream-tiles", type=int, default=16)
+    parser.add_argument("--stream-tiles", type=int, default=24)
     args = parser.parse_args(argv)
     root: Path = args.root
     root.mkdir(parents=True, exist_ok=True)

@@ -60,18 +60,18 @@ def test_prometheus_scrapes_the_kafka_workers_and_every_query_has_data(make_stac
     prom = Prom(f"http://127.0.0.1:{port}")
     wait_for(lambda: prom.client.get("/-/ready").status_code == 200, 30, "prometheus ready", proc, log)
 
-    d033, d013 = tiles["D033"][:12], tiles["D013"][:16]
+    d033, d013 = tiles["D033"][:12], tiles["D013"][:28]  # detection + 16 tiles since: one job
     acqs = stack.ingest(d033, "D033") + stack.ingest(d013, "D013")
     stack.send_raw("D033", b"{not a stac item")  # one dead letter
     ids = {a.id for a in acqs}
     stack.wait_for("predictions", lambda m: {p["acquisition_id"] for p in m} >= ids, timeout_s=240)
     stack.wait_for("model_versions", lambda m: len(m) >= 1, timeout_s=120)
     # D013 tiles predicted by the adapted version, so its accuracy series exists too
-    late = stack.ingest(tiles["D013"][16:30], "D013")
+    late = stack.ingest(tiles["D013"][28:42], "D013")
     stack.wait_for("predictions", lambda m: {p["acquisition_id"] for p in m} >= {a.id for a in late}, timeout_s=240)
 
     # delayed labels: every acquisition's FLAIR mask, published after the fact
-    for acq, path in zip(acqs + late, d033 + d013 + tiles["D013"][16:30], strict=True):
+    for acq, path in zip(acqs + late, d033 + d013 + tiles["D013"][28:42], strict=True):
         href = stack.acquisitions.put(f"{acq.region}/labels/{acq.id}.tif", _mask_of(path).read_bytes())
         record = LabelRecord(acquisition_id=acq.id, region=acq.region, href=href, encoding="flair19")
         stack.producer.send(stack.topics.labels, key=acq.region.encode(), value=record.to_json()).get(timeout=30)
