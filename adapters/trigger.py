@@ -2,8 +2,12 @@
 
 Why not adapt on every alarm: under pure label shift (only the predicted class mix moved), re-estimating
 normalisation statistics pulls predictions back toward the source class mix and costs 13-20 mIoU
-(shared/FINDINGS.md). Cooldown stops a region from being adapted again before its new version has seen data;
-the budget caps versions per region.
+(shared/FINDINGS.md). That guard protects the *source* model. A region already on an adapted version is
+different: any alarm means its data left what the version was adapted to, and the current model's own
+radiometry signal is no longer a clean covariate test (its predicted classes may be wrong), so every alarm there
+becomes a job, and the job decides with the source model whether to re-adapt or go back to the source weights
+(``stream.pipeline.Pipeline.adapt``). Cooldown stops a region from being adapted again before its new version
+has seen data; the budget caps versions per region.
 """
 
 from __future__ import annotations
@@ -45,12 +49,14 @@ class Trigger:
         """Count one more tile of the region."""
         self._since_job[region] = self._since_job.get(region, 10**9) + 1
 
-    def decide(self, region: str, *, drifted: bool, covariate: bool, buffered: int) -> TriggerDecision:
-        """Decide for a region whose monitor just updated."""
+    def decide(
+        self, region: str, *, drifted: bool, covariate: bool, buffered: int, adapted: bool = False
+    ) -> TriggerDecision:
+        """Decide for a region whose monitor just updated (``adapted``: it serves an adapted version)."""
         cfg = self.config
         if not drifted:
             return TriggerDecision(False, "no drift")
-        if not covariate and not cfg.adapt_on_label_shift:
+        if not covariate and not cfg.adapt_on_label_shift and not adapted:
             return TriggerDecision(False, "label shift only: adaptation would pull predictions to the source mix")
         if buffered < cfg.min_tiles:
             return TriggerDecision(False, f"waiting for tiles: {buffered}/{cfg.min_tiles}")
@@ -60,7 +66,7 @@ class Trigger:
             return TriggerDecision(False, f"budget spent: {cfg.max_versions} versions")
         self._since_job[region] = 0
         self._jobs[region] = self._jobs.get(region, 0) + 1
-        return TriggerDecision(True, "covariate drift")
+        return TriggerDecision(True, "covariate drift" if covariate else "drift on an adapted version")
 
     def state_dict(self) -> dict[str, Any]:
         """Serialisable state."""

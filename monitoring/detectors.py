@@ -8,7 +8,6 @@ A detector consumes one feature vector per tile (``update``), exposes a read-onl
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Callable
 from statistics import NormalDist
 from typing import Any, Protocol, runtime_checkable
@@ -26,6 +25,7 @@ from monitoring.windowed import (
     PredictionConfig,
     PredictionDetector,
     WindowedConfig,
+    WindowState,
 )
 from terradapt.errors import UnknownNameError
 from terradapt.settings import StrictModel
@@ -94,7 +94,7 @@ class MeanShiftConfig(StrictModel):
     shrinkage: float = Field(default=0.1, ge=0.0, le=1.0, description="covariance shrinkage toward diagonal")
 
 
-class MeanShiftDetector:
+class MeanShiftDetector(WindowState):
     """Windowed Hotelling-style test of the mean of whitened features against the source reference.
 
     Why this shape: domain shift in aerial imagery moves feature *means* (gain, haze, season), and a window mean
@@ -113,23 +113,7 @@ class MeanShiftDetector:
         self.config = config or MeanShiftConfig()
         self._mean: Vector = np.zeros(0)
         self._proj: Vector = np.zeros((0, 0))
-        self._threshold = float("inf")
-        self._window: deque[list[float]] = deque(maxlen=self.config.window)
-        self._score = 0.0
-        self._detected = False
-        self._seen = 0
-
-    @property
-    def drift_detected(self) -> bool:
-        return self._detected
-
-    @property
-    def score(self) -> float:
-        return self._score
-
-    @property
-    def threshold(self) -> float:
-        return self._threshold
+        self._init_window(self.config.window)
 
     @property
     def calibrated(self) -> bool:
@@ -187,19 +171,9 @@ class MeanShiftDetector:
         self.reset()
 
     def update(self, x: Vector) -> None:
-        self._seen += 1
-        self._window.append(self._whiten(np.asarray(x, dtype=np.float64))[0].tolist())
-        if len(self._window) < self._window.maxlen:  # type: ignore[operator]
-            return
-        self._score = float(self._window_stat(np.asarray(self._window)))
-        if self._score > self._threshold:
-            self._detected = True
-
-    def reset(self) -> None:
-        self._window.clear()
-        self._score = 0.0
-        self._detected = False
-        self._seen = 0
+        window = self._push(self._whiten(np.asarray(x, dtype=np.float64))[0])
+        if window is not None:
+            self._decide(float(self._window_stat(window)))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -207,22 +181,14 @@ class MeanShiftDetector:
             "config": self.config.model_dump(),
             "mean": self._mean.tolist(),
             "proj": self._proj.tolist(),
-            "threshold": self._threshold,
-            "window": list(self._window),
-            "score": self._score,
-            "detected": self._detected,
-            "seen": self._seen,
+            **self._window_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = MeanShiftConfig.model_validate(state["config"])
         self._mean = np.asarray(state["mean"], dtype=np.float64)
         self._proj = np.asarray(state["proj"], dtype=np.float64)
-        self._threshold = float(state["threshold"])
-        self._window = deque((list(map(float, v)) for v in state["window"]), maxlen=self.config.window)
-        self._score = float(state["score"])
-        self._detected = bool(state["detected"])
-        self._seen = int(state["seen"])
+        self._load_window_state(state, self.config.window)
 
 
 def _mean_shift(config: dict[str, Any]) -> Detector:

@@ -117,7 +117,75 @@ def _pit(x: Vector, sketch: Vector) -> Vector:
     return out
 
 
-class WindowedDetector(ABC):
+class WindowState:
+    """The stream side every windowed detector shares: the last ``window`` vectors, latest score, latch, count.
+
+    Bounded by construction (a ``deque(maxlen=window)``); serialised under the same keys by every detector.
+    """
+
+    _threshold: float
+    _window: deque[list[float]]
+    _score: float
+    _detected: bool
+    _seen: int
+
+    def _init_window(self, size: int) -> None:
+        self._threshold = float("inf")
+        self._window = deque(maxlen=size)
+        self._score = 0.0
+        self._detected = False
+        self._seen = 0
+
+    @property
+    def drift_detected(self) -> bool:
+        return self._detected
+
+    @property
+    def score(self) -> float:
+        return self._score
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    def _push(self, row: Vector) -> Vector | None:
+        """Append one tile's vector; the full window (w, d) once there are ``window`` tiles, else None."""
+        self._seen += 1
+        self._window.append(np.asarray(row, dtype=np.float64).ravel().tolist())
+        if len(self._window) < (self._window.maxlen or 0):
+            return None
+        return np.asarray(self._window, dtype=np.float64)
+
+    def _decide(self, score: float) -> None:
+        """Record the window's statistic; the alarm latches until ``reset``."""
+        self._score = score
+        if score > self._threshold:
+            self._detected = True
+
+    def reset(self) -> None:
+        self._window.clear()
+        self._score = 0.0
+        self._detected = False
+        self._seen = 0
+
+    def _window_state(self) -> dict[str, Any]:
+        return {
+            "threshold": self._threshold,
+            "window": list(self._window),
+            "score": self._score,
+            "detected": self._detected,
+            "seen": self._seen,
+        }
+
+    def _load_window_state(self, state: dict[str, Any], size: int) -> None:
+        self._threshold = float(state["threshold"])
+        self._window = deque((list(map(float, v)) for v in state["window"]), maxlen=size)
+        self._score = float(state["score"])
+        self._detected = bool(state["detected"])
+        self._seen = int(state["seen"])
+
+
+class WindowedDetector(WindowState, ABC):
     """Shared machinery: window, offset (re-baseline), cross-fitted calibration, state.
 
     Subclasses define ``_fit`` (the bounded source summary, a dict of arrays) and ``_stats`` (the statistic of a
@@ -133,11 +201,7 @@ class WindowedDetector(ABC):
         self._ref: dict[str, Vector] = {}
         self._offset: Vector = np.zeros(0)
         self._tail = Tail(family=self.family)
-        self._threshold = float("inf")
-        self._window: deque[list[float]] = deque(maxlen=self.config.window)
-        self._score = 0.0
-        self._detected = False
-        self._seen = 0
+        self._init_window(self.config.window)
 
     @abstractmethod
     def _fit(self, x: Vector, rng: np.random.Generator) -> dict[str, Vector]:
@@ -146,18 +210,6 @@ class WindowedDetector(ABC):
     @abstractmethod
     def _stats(self, ref: dict[str, Vector], windows: Vector) -> Vector:
         """Statistic of each window in ``windows`` (n, w, d) against ``ref``; large = drift."""
-
-    @property
-    def drift_detected(self) -> bool:
-        return self._detected
-
-    @property
-    def score(self) -> float:
-        return self._score
-
-    @property
-    def threshold(self) -> float:
-        return self._threshold
 
     @property
     def p_value(self) -> float:
@@ -194,20 +246,9 @@ class WindowedDetector(ABC):
         self.reset()
 
     def update(self, x: Vector) -> None:
-        self._seen += 1
-        self._window.append(np.asarray(x, dtype=np.float64).ravel().tolist())
-        if len(self._window) < self.config.window:
-            return
-        w = np.asarray(self._window, dtype=np.float64) - self._offset
-        self._score = float(self._stats(self._ref, w[None])[0])
-        if self._score > self._threshold:
-            self._detected = True
-
-    def reset(self) -> None:
-        self._window.clear()
-        self._score = 0.0
-        self._detected = False
-        self._seen = 0
+        window = self._push(x)
+        if window is not None:
+            self._decide(float(self._stats(self._ref, (window - self._offset)[None])[0]))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -216,11 +257,7 @@ class WindowedDetector(ABC):
             "ref": {k: v.tolist() for k, v in self._ref.items()},
             "offset": self._offset.tolist(),
             "tail": self._tail.model_dump(),
-            "threshold": self._threshold,
-            "window": list(self._window),
-            "score": self._score,
-            "detected": self._detected,
-            "seen": self._seen,
+            **self._window_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -228,11 +265,7 @@ class WindowedDetector(ABC):
         self._ref = {k: np.asarray(v, dtype=np.float64) for k, v in state["ref"].items()}
         self._offset = np.asarray(state["offset"], dtype=np.float64)
         self._tail = Tail.model_validate(state["tail"])
-        self._threshold = float(state["threshold"])
-        self._window = deque((list(map(float, v)) for v in state["window"]), maxlen=self.config.window)
-        self._score = float(state["score"])
-        self._detected = bool(state["detected"])
-        self._seen = int(state["seen"])
+        self._load_window_state(state, self.config.window)
 
 
 class BandQuantileConfig(WindowedConfig):

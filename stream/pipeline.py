@@ -237,6 +237,7 @@ class Pipeline:
             drifted=update.newly_detected or bool(update.fired),
             covariate=update.covariate_shift,
             buffered=len(recent),
+            adapted=features.model_version > 0,
         )
         job = None
         if decision.adapt and drift is not None:
@@ -277,7 +278,10 @@ class Pipeline:
         monitor), the right model is the source model again, not a further adaptation.
         """
         monitor = self.new_monitor()
-        return any(monitor.update(o.features, 0).covariate_shift for o in source_outputs)
+        updates = [monitor.update(o.features, 0) for o in source_outputs]
+        if not any(any(u.scores.values()) for u in updates):
+            return True  # fewer tiles than one test window: no evidence either way, keep adapting
+        return any(u.covariate_shift for u in updates)
 
     def adapt(self, job: AdaptationJob, tiles: Sequence[BufferedTile]) -> Adapted:
         """Adapt the job's base version on ``tiles``, gate it, publish it (rejected versions are kept, flagged)."""

@@ -44,3 +44,18 @@ def test_shipped_config_files_load(monkeypatch):
     for path in sorted(Path(__file__).parents[1].glob("deploy/config/*.toml")):
         settings = load_settings(path)
         assert settings.kafka.bootstrap.startswith("127.0.0.1")
+
+
+def test_per_region_method_from_file_and_env(tmp_path, monkeypatch):
+    cfg = tmp_path / "regions.toml"
+    cfg.write_text('[adaptation.per_region.D013]\nmethod = "tent"\nmethod_config = { lr = 0.0001 }\n')
+    s = load_settings(cfg)
+    assert s.adaptation.method_for("D013").method == "tent"
+    assert s.adaptation.method_for("D013").method_config == {"lr": 0.0001}
+    assert s.adaptation.method_for("D067").method == "bn"
+    monkeypatch.setenv("TERRADAPT_ADAPTATION__PER_REGION", '{"D067": {"method": "eata"}}')
+    assert load_settings().adaptation.method_for("D067").method == "eata"
+    cfg.write_text('[adaptation.per_region.D013]\nmethod = "nope"\n')
+    monkeypatch.delenv("TERRADAPT_ADAPTATION__PER_REGION")
+    with pytest.raises(ConfigError, match="accepted: bn"):
+        load_settings(cfg)

@@ -133,3 +133,11 @@ def test_adapted_region_whose_shift_ended_goes_back_to_the_source_weights(tmp_pa
     # while a shifted stream keeps its shift, a new job adapts again (no reset)
     again = pipeline.adapt(*_job("D013", first.version.version, data["shifted"], job_id="again"))
     assert pipeline.registry.load("D013", again.version.version)[1].method == "bn"
+
+
+def test_too_few_tiles_for_a_test_window_never_reset(tmp_path, data):
+    pipeline = _pipeline(tmp_path, data)
+    outputs = pipeline.predictor.predict("D013", [s.image for s in data["source"][:3]], version=0)
+    assert pipeline.shifted_from_source(outputs)  # 3 tiles < the 8-tile window: inconclusive, not "back to source"
+    outputs = pipeline.predictor.predict("D013", [s.image for s in data["source"]], version=0)
+    assert not pipeline.shifted_from_source(outputs)
