@@ -30,6 +30,7 @@ import numpy.typing as npt
 import torch
 from pydantic import Field
 
+from monitoring.label_shift import total_variation
 from terradapt.classes import IGNORE_INDEX
 from terradapt.metrics import confusion_matrix, miou
 from terradapt.model import UNet
@@ -107,7 +108,7 @@ def judge(
         "entropy_candidate": float(np.mean(candidate_entropy)),
         "entropy_current": float(np.mean(current_entropy)),
         "agreement": float(np.mean(cand_all == cur_all)),
-        "class_tv": float(0.5 * np.abs(cand_shares - cur_shares).sum()),
+        "class_tv": total_variation(cand_shares, cur_shares),
         "max_class_share": float(cand_shares.max()),
         "tiles": float(len(candidate_maps)),
     }
@@ -121,17 +122,17 @@ def judge(
     toward_reference = False
     trusted = reference is not None and len(reference) == num_classes
     if trusted and prior is not None and len(prior) == num_classes:
-        m["tv_reference_to_prior"] = float(0.5 * np.abs(np.asarray(reference) - np.asarray(prior)).sum())
+        m["tv_reference_to_prior"] = total_variation(np.asarray(reference), np.asarray(prior))
         trusted = m["tv_reference_to_prior"] <= config.broken_tv
     if trusted and reference is not None:
         target = np.asarray(reference, dtype=np.float64)
-        m["tv_candidate_to_reference"] = float(0.5 * np.abs(cand_shares - target).sum())
-        m["tv_current_to_reference"] = float(0.5 * np.abs(cur_shares - target).sum())
+        m["tv_candidate_to_reference"] = total_variation(cand_shares, target)
+        m["tv_current_to_reference"] = total_variation(cur_shares, target)
         toward_reference = m["tv_candidate_to_reference"] < m["tv_current_to_reference"]
     if prior is not None and len(prior) == num_classes:
         source = np.asarray(prior, dtype=np.float64)
-        m["tv_candidate_to_prior"] = float(0.5 * np.abs(cand_shares - source).sum())
-        m["tv_current_to_prior"] = float(0.5 * np.abs(cur_shares - source).sum())
+        m["tv_candidate_to_prior"] = total_variation(cand_shares, source)
+        m["tv_current_to_prior"] = total_variation(cur_shares, source)
         toward_reference = toward_reference or (
             (m["tv_current_to_prior"] > config.broken_tv or covariate)
             and m["tv_candidate_to_prior"] < m["tv_current_to_prior"]

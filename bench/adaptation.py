@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adapters.job import AdaptationConfig
 from adapters.registry import adapter_class, available_adapters, create_adapter
 from adapters.trigger import TriggerConfig
+from bench.doc_section import write_section
 from monitoring.label_shift import BBSE, total_variation
 from stream.demo import DemoConfig, Scenario, build_pipeline, dubai_scenario, run_stream, source_model, stream_item
 from stream.embedded import EmbeddedRunner
@@ -53,8 +54,6 @@ from terradapt.model import UNet
 from terradapt.raster import RasterSpec
 from terradapt.training import evaluate
 
-DOC = Path("docs/benchmarks.md")
-START, END = "<!-- bench/adaptation.py:start -->", "<!-- bench/adaptation.py:end -->"
 SYN_SOURCES = ("D033", "D040")
 SYN_TARGETS = {
     "D013": "gain/offset + haze",
@@ -343,7 +342,7 @@ def render(
     import os
     import platform
 
-    out = [START, "## Adaptation suite: methods vs source-only and a labelled oracle", ""]
+    out = ["## Adaptation suite: methods vs source-only and a labelled oracle", ""]
     cmd = "bench/adaptation.py" + (" --quick" if args.quick else "") + ("" if args.dubai else " --no-dubai")
     out.append(f"Command: `.venv/bin/python {cmd}` ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {elapsed / 60:.1f} min)")
     out.append("")
@@ -419,18 +418,7 @@ def render(
     for name, (mean, worst, gap) in verdict.items():
         marks = [mean >= 0.02, worst >= -0.005, gap >= 0.4, worst_long.get(name, -1.0) >= -0.005]
         out.append(f"| {name} | " + " | ".join("yes" if ok else "no" for ok in marks) + " |")
-    out += ["", END]
     return "\n".join(out)
-
-
-def write_section(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# terradapt benchmarks\n\nWritten by the scripts in bench/.\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
 
 
 def main() -> None:
@@ -473,7 +461,7 @@ def main() -> None:
     section = render(args, mode, results, longs, batches, time.perf_counter() - t0, notes)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section("adaptation", section)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.doc_section import write_section  # noqa: E402
 from monitoring.features import TileFeatures, forward_with_features  # noqa: E402
 from monitoring.monitor import SIGNALS, MonitorConfig, RegionMonitor  # noqa: E402
 from stream.demo import DemoConfig, Scenario, source_model, synthetic_scenario  # noqa: E402
@@ -63,8 +64,6 @@ from terradapt.datasets.dubai import DubaiDataset  # noqa: E402
 from terradapt.datasets.synthetic import DEPARTEMENTS, shift_image  # noqa: E402
 from terradapt.raster import RasterSpec  # noqa: E402
 
-DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench/drift.py:start -->", "<!-- bench/drift.py:end -->"
 CACHE = ROOT / ".terradapt" / "bench"
 ERT = 1000
 DETECTORS = ["mean-shift", "band-quantile", "kernel-mmd", "bn-distance", "prediction"]
@@ -464,16 +463,6 @@ def _targets(results: dict[str, dict[str, Row]], reps: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def write_doc(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# terradapt benchmarks\n\nWritten by the scripts in bench/.\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    DOC.write_text(text)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer tiles and replicates (a few minutes)")
@@ -560,7 +549,7 @@ batches of 1 (the stream worker sees one tile per acquisition), no missed abrupt
 """
     print(section)
     if not args.no_doc:
-        write_doc(section)
+        write_section("drift", section)
 
 
 if __name__ == "__main__":

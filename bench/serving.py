@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.doc_section import DOC, write_section  # noqa: E402
 from serving.codec import decode_prediction  # noqa: E402
 from serving.packaging import model_name  # noqa: E402
 from serving.predictor import InProcessPredictor  # noqa: E402
@@ -55,8 +56,6 @@ from terradapt.model import UNet, UNetConfig  # noqa: E402
 from terradapt.settings import TorchServeConfig  # noqa: E402
 
 SCRIPT = ROOT / "deploy" / "torchserve" / "torchserve.sh"
-DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- bench/serving.py:start -->", "<!-- bench/serving.py:end -->"
 REGION = "D033"
 
 
@@ -232,8 +231,7 @@ def render(args: argparse.Namespace, results: Results, info: dict[str, str]) -> 
         f"--concurrency {args.concurrency} --base-channels {args.base_channels} --depth {args.depth}"
     )
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"""{START}
-## Serving: TorchServe vs in-process predictor
+    return f"""## Serving: TorchServe vs in-process predictor
 
 Command: `{command}` ({when})
 
@@ -259,18 +257,7 @@ register): {results.register_s:.1f} s.
 |------------------------------------------------------------|--------:|
 | in-process, one call (batches of 4)                        | {results.local_tps:7.2f} |
 | {f"TorchServe, {args.concurrency} client thread(s), 1 worker":<58} | {results.served_tps:7.2f} |
-{END}"""
-
-
-def write_section(section: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    text = DOC.read_text() if DOC.exists() else "# terradapt benchmarks\n\nWritten by the scripts in bench/.\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOC.write_text(text)
+"""
 
 
 def main() -> None:
@@ -288,7 +275,7 @@ def main() -> None:
     section = render(args, run(args), info)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section("serving", section)
         print(f"updated {DOC.relative_to(ROOT)}")
 
 

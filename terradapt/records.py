@@ -255,6 +255,10 @@ class RolloutEvent(Record):
     at: datetime = Field(default_factory=utcnow)
 
 
+#: where in the flow a message was dead-lettered
+Stage = Literal["ingest", "predict", "adapt", "labels", "rollout"]
+
+
 class DeadLetter(Record):
     """A payload that could not be processed, kept whole with the reason."""
 
@@ -263,7 +267,7 @@ class DeadLetter(Record):
     error: str
     payload: str
     key: str | None = None
-    stage: Literal["ingest", "predict", "adapt", "labels", "rollout"] = "predict"
+    stage: Stage = "predict"
     at: datetime = Field(default_factory=utcnow)
 
 

@@ -16,11 +16,11 @@ from rasterio.io import MemoryFile
 
 from monitoring.accuracy import DelayedLabelTracker
 from stream.kafka.services import Services
-from stream.kafka.worker import Offload, Outgoing
+from stream.kafka.worker import Offload, Outgoing, dead_letter
 from terradapt.classes import flair_to_13
 from terradapt.errors import InvalidPayloadError, TerradaptError
 from terradapt.raster import RasterSpec, read_raster
-from terradapt.records import DeadLetter, LabelRecord, parse_record
+from terradapt.records import LabelRecord, parse_record
 
 _MASK_SPEC = RasterSpec(band_count=1, require_crs=False, max_nodata_fraction=1.0)
 WINDOW_TILES = 50
@@ -41,18 +41,11 @@ class LabelHandler:
         self.accuracy = accuracy
         self.num_classes = num_classes
 
-    def _dead(self, reason: str, error: str, value: bytes, key: str | None) -> list[Outgoing]:
-        letter = DeadLetter(
-            topic=self.s.topics.labels,
-            reason=reason,
-            error=error,
-            payload=value.decode("utf-8", errors="replace"),
-            key=key,
-            stage="labels",
-        )
+    def dead(self, reason: str, error: str, value: bytes, key: str | None) -> Outgoing:
+        """The dead letter of a label payload (counted in the metrics)."""
         if self.s.metrics is not None:
             self.s.metrics.observe_dead_letter(reason)
-        return [Outgoing("deadletter", key or "unknown", letter)]
+        return dead_letter(self.s.topics.labels, "labels", reason, error, value, key)
 
     async def handle(self, key: bytes | None, value: bytes) -> list[Outgoing]:
         """Join one label; return dead letters when it cannot be joined."""
@@ -60,15 +53,15 @@ class LabelHandler:
         try:
             label = parse_record(LabelRecord, value)
         except InvalidPayloadError as exc:
-            return self._dead(exc.reason, str(exc), value, skey)
+            return [self.dead(exc.reason, str(exc), value, skey)]
         predictions = self.s.pipeline.predictions
         if predictions is None:
-            return self._dead("missing_object", "this worker stores no predictions", value, skey)
+            return [self.dead("missing_object", "this worker stores no predictions", value, skey)]
         try:
             mask_raster = await self.run(lambda: read_raster(self.s.reader.get(label.href), _MASK_SPEC))
             pred_bytes = await self.run(lambda: predictions.get(f"{label.region}/{label.acquisition_id}.tif"))
         except TerradaptError as exc:
-            return self._dead(exc.reason, str(exc), value, skey)
+            return [self.dead(exc.reason, str(exc), value, skey)]
         class_map, version = _prediction(pred_bytes)
         mask = mask_raster.data[0].astype(np.uint8)
         if label.encoding == "flair19":
@@ -86,5 +79,5 @@ class LabelHandler:
                 w = join.window
                 metrics.observe_accuracy(w.region, w.version, w.accuracy, w.miou, w.tiles)
         if join.outcome == "invalid":
-            return self._dead("invalid_tile", join.detail or "label does not fit the prediction", value, skey)
+            return [self.dead("invalid_tile", join.detail or "label does not fit the prediction", value, skey)]
         return []

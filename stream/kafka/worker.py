@@ -29,7 +29,7 @@ from monitoring.monitor import RegionMonitor
 from stream.kafka.services import Services
 from stream.pipeline import Predicted
 from terradapt.errors import InvalidPayloadError, TerradaptError
-from terradapt.records import Acquisition, DeadLetter, Record
+from terradapt.records import Acquisition, DeadLetter, Record, Stage
 
 log = logging.getLogger("terradapt.worker")
 T = TypeVar("T")
@@ -44,10 +44,27 @@ class Outgoing:
     record: Record
 
 
+def dead_letter(topic: str, stage: Stage, reason: str, error: str, payload: bytes, key: str | None) -> Outgoing:
+    """The dead letter of a payload read from ``topic``, with its reason and the original bytes."""
+    letter = DeadLetter(
+        topic=topic,
+        reason=reason,
+        error=error,
+        payload=payload.decode("utf-8", errors="replace"),
+        key=key,
+        stage=stage,
+    )
+    return Outgoing("deadletter", key or "unknown", letter)
+
+
 class Offload(Protocol):
     """Runs a blocking function off the event loop and awaits its result."""
 
     def __call__(self, fn: Callable[[], T]) -> Awaitable[T]: ...
+
+
+Handle = Callable[[bytes | None, bytes], Awaitable[list[Outgoing]]]
+Dead = Callable[[str, str, bytes, str | None], Outgoing]
 
 
 class RetryableError(Exception):
@@ -72,16 +89,8 @@ class AcquisitionHandler:
         self.recent = recent
 
     def dead(self, reason: str, error: str, payload: bytes, key: str | None) -> Outgoing:
-        """The dead letter of a payload, with its reason and the original bytes."""
-        letter = DeadLetter(
-            topic=self.s.topics.acquisitions,
-            reason=reason,
-            error=error,
-            payload=payload.decode("utf-8", errors="replace"),
-            key=key,
-            stage="predict",
-        )
-        return Outgoing("deadletter", key or "unknown", letter)
+        """The dead letter of an acquisition payload, with its reason and the original bytes."""
+        return dead_letter(self.s.topics.acquisitions, "predict", reason, error, payload, key)
 
     async def _predict(self, acq: Acquisition, data: bytes) -> Predicted:
         pipeline = self.s.pipeline
@@ -184,18 +193,21 @@ def create_app(services: Services) -> faust.App:
 
     handler = AcquisitionHandler(services, run, tables["monitors"], tables["triggers"], tables["recent"])
 
-    @app.agent(src)
-    async def acquisitions(stream: faust.StreamT[bytes]) -> None:
+    async def drain(stream: faust.StreamT[bytes], handle: Handle, dead: Dead, what: str) -> None:
         async for event in stream.events():
             key, value = event.message.key, event.message.value
             try:
-                outgoing = await handler.handle(key, value)
+                outgoing = await handle(key, value)
             except Exception as exc:  # never lose a message to a bug: dead-letter it with the error
-                log.exception("unexpected error on %s", key)
-                outgoing = [handler.dead("internal_error", repr(exc), value, key.decode() if key else None)]
+                log.exception("unexpected error on %s %s", what, key)
+                outgoing = [dead("internal_error", repr(exc), value, key.decode() if key else None)]
             for out in outgoing:
                 await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
-            log.info("processed %s", key)
+            log.info("processed %s %s", what, key)
+
+    @app.agent(src)
+    async def acquisitions(stream: faust.StreamT[bytes]) -> None:
+        await drain(stream, handler.handle, handler.dead, "acquisition")
 
     from stream.kafka.labels import LabelHandler
 
@@ -204,15 +216,7 @@ def create_app(services: Services) -> faust.App:
 
     @app.agent(labels_src)
     async def labels(stream: faust.StreamT[bytes]) -> None:
-        async for event in stream.events():
-            key, value = event.message.key, event.message.value
-            try:
-                outgoing = await label_handler.handle(key, value)
-            except Exception as exc:  # a bad label must not stop the agent
-                log.exception("unexpected error on label %s", key)
-                outgoing = [handler.dead("internal_error", repr(exc), value, key.decode() if key else None)]
-            for out in outgoing:
-                await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
+        await drain(stream, label_handler.handle, label_handler.dead, "label")
 
     app.handler = handler  # type: ignore[attr-defined]
     return app

@@ -45,9 +45,9 @@ def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 24) -> dict[
 
     original_acquisitions = demo._acquisitions
 
-    def acquisitions(sc: Any, spec: Any) -> Iterator[StreamItem]:
+    def acquisitions(streams: Any, bands: Any) -> Iterator[StreamItem]:
         last: StreamItem | None = None
-        for item in original_acquisitions(sc, spec):
+        for item in original_acquisitions(streams, bands):
             last = item
             yield item
         if last is not None:  # one corrupt GeoTIFF: exercises the dead-letter path of the real runner

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import pytest
 
@@ -17,12 +16,8 @@ from tests.test_prometheus import (
     PROM_DIR,
     PROMETHEUS,
     Prom,
-    dashboard_exprs,
     free_port,
-    grafana,
-    rule_exprs,
-    selectors,
-    strip_comparisons,
+    queries_without_data,
     wait_for,
 )
 
@@ -82,21 +77,7 @@ def test_prometheus_scrapes_the_kafka_workers_and_every_query_has_data(make_stac
 
     wait_for(target_up, 60, "both workers scraped", proc, log)
 
-    queries: dict[str, str] = {}
-    for where, expr in dashboard_exprs() + rule_exprs():
-        expr = grafana(expr)
-        prom.query(expr)
-        queries[f"{where}: {strip_comparisons(expr)}"] = strip_comparisons(expr)
-        for sel in selectors(expr):
-            queries[f"{where}: selector {sel}"] = sel
-    missing = dict(queries)
-    deadline = time.monotonic() + 120
-    while missing and time.monotonic() < deadline:
-        for key, expr in list(missing.items()):
-            if prom.query(expr):
-                del missing[key]
-        if missing:
-            time.sleep(1)
+    missing = queries_without_data(prom, timeout_s=120)
     assert not missing, "queries without data:\n" + "\n".join(missing)
 
     # the numbers: every acquisition counted once as ok (replays aside, none here), the label joins per version
