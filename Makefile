@@ -20,16 +20,17 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/terradapt demo
 
-## make test: install, provision + start the real services, run every test, stop the services
+## make test: install, lint (ruff + mypy over packages, tests, bench), provision + start the real services,
+## run every test, stop the services
 ## (TorchServe and Prometheus tests start their own servers on free loopback ports)
-test: install services-install
+test: install services-install lint
 	@$(SERVICES) up kafka minio; \
 	eval "$$($(SERVICES) env)"; status=0; \
 	$(PY) -m pytest $(PYTEST_ARGS) || status=$$?; \
 	$(SERVICES) down; exit $$status
 
 test-unit: install
-	$(PY) -m pytest -m "not services" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not services and not docs" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check terradapt stream serving adapters monitoring tests bench

@@ -30,9 +30,8 @@ import numpy.typing as npt
 import torch
 from pydantic import Field
 
-from monitoring.label_shift import total_variation
 from terradapt.classes import IGNORE_INDEX
-from terradapt.metrics import confusion_matrix, miou
+from terradapt.metrics import confusion_matrix, miou, pixel_entropy, total_variation
 from terradapt.model import UNet
 from terradapt.settings import StrictModel
 
@@ -51,6 +50,25 @@ class GateConfig(StrictModel):
 
 
 @dataclass(frozen=True)
+class GateContext:
+    """What the gate knows about the region besides the two versions' outputs: one object for every gate.
+
+    The in-process gate (before publication) and the TorchServe shadow check (on served outputs) receive the
+    same context for a job, built once from the job and the source manifest.
+
+    Attributes:
+        label_shift: The job's BBSE estimate of the region's class mix (``AdaptationJob.label_shift``).
+        prior: The source class mix (``ModelManifest.class_prior``).
+        covariate: Whether the monitor's evidence is covariate shift (``DriftEvent.covariate``).
+
+    """
+
+    label_shift: tuple[float, ...] | None = None
+    prior: tuple[float, ...] | None = None
+    covariate: bool = False
+
+
+@dataclass(frozen=True)
 class GateResult:
     """Decision of the gate with its reasons and measurements."""
 
@@ -66,8 +84,7 @@ def _predict(model: UNet, tiles: torch.Tensor, batch: int = 4) -> tuple[torch.Te
     maps, ents = [], []
     for i in range(0, tiles.shape[0], batch):
         logits = model(tiles[i : i + batch])
-        p = logits.softmax(dim=1)
-        ents.append(-(p * p.clamp_min(1e-8).log()).sum(dim=1).mean(dim=(1, 2)))
+        ents.append(pixel_entropy(logits).mean(dim=(1, 2)))
         maps.append(logits.argmax(dim=1))
     return torch.cat(maps), torch.cat(ents)
 
@@ -79,25 +96,25 @@ def judge(
     current_entropy: Sequence[float],
     num_classes: int,
     config: GateConfig,
+    context: GateContext | None = None,
     masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
-    reference: Sequence[float] | None = None,
-    prior: Sequence[float] | None = None,
-    covariate: bool = False,
 ) -> GateResult:
     """The gate's decision from two versions' class maps and per-tile entropies on the same tiles.
 
-    ``reference`` is a label-shift estimate of the region's class mix (trusted unless farther than ``broken_tv``
-    from ``prior``); ``prior`` the source class mix. A big change (class-mix jump, low agreement) is accepted as
-    a repair when it moves the predicted mix toward the trusted estimate, or toward the source prior *when* the
-    current model's mix is implausibly far from that prior (``broken_tv``: the current model has collapsed on a
-    shifted region) or the monitor's evidence is covariate shift (``covariate``: the class-conditional
-    radiometry moved, so the current predictions, not the class mix, are what changed). Moving toward the
-    source prior alone is not enough: under pure label shift that is exactly what BatchNorm re-estimation does
-    wrong (shared/FINDINGS.md).
+    ``context.label_shift`` (the reference) is a label-shift estimate of the region's class mix (trusted unless
+    farther than ``broken_tv`` from ``context.prior``, the source class mix). A big change (class-mix jump, low
+    agreement) is accepted as a repair when it moves the predicted mix toward the trusted estimate, or toward the
+    source prior *when* the current model's mix is implausibly far from that prior (``broken_tv``: the current
+    model has collapsed on a shifted region) or the monitor's evidence is covariate shift (``context.covariate``:
+    the class-conditional radiometry moved, so the current predictions, not the class mix, are what changed).
+    Moving toward the source prior alone is not enough: under pure label shift that is exactly what BatchNorm
+    re-estimation does wrong (shared/FINDINGS.md).
 
     Shared by ``Gate.check`` (in-process models, before publication) and the TorchServe shadow check (the
-    outputs a server actually returns), so both judge with the same rules and thresholds.
+    outputs a server actually returns), so both judge with the same rules, thresholds and context.
     """
+    ctx = context or GateContext()
+    reference, prior, covariate = ctx.label_shift, ctx.prior or None, ctx.covariate
     if not candidate_maps or len(candidate_maps) != len(current_maps):
         raise ValueError(f"need the same non-zero number of maps, got {len(candidate_maps)} and {len(current_maps)}")
     cand_all = np.concatenate([np.asarray(m).ravel() for m in candidate_maps])
@@ -165,10 +182,8 @@ class Gate:
         candidate: UNet,
         current: UNet,
         tiles: torch.Tensor,
+        context: GateContext | None = None,
         masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
-        reference: Sequence[float] | None = None,
-        prior: Sequence[float] | None = None,
-        covariate: bool = False,
     ) -> GateResult:
         """Compare candidate and current model on the region's recent tiles (N, C, H, W)."""
         cand_maps, cand_ent = _predict(candidate, tiles)
@@ -180,8 +195,6 @@ class Gate:
             cur_ent.cpu().tolist(),
             candidate.config.num_classes,
             self.config,
+            context,
             masks,
-            reference,
-            prior,
-            covariate,
         )

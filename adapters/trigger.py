@@ -37,20 +37,36 @@ class TriggerDecision:
     reason: str
 
 
+@dataclass
+class TriggerState:
+    """One region's trigger counters: tiles since its last job, jobs issued (part of the region's state)."""
+
+    since_job: int = 10**9
+    jobs: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        """Serialisable form."""
+        return {"since_job": self.since_job, "jobs": self.jobs}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TriggerState:
+        """Inverse of ``to_dict``."""
+        return cls(since_job=int(d["since_job"]), jobs=int(d["jobs"]))
+
+
 class Trigger:
-    """Per-region decision state: tiles since the last job, jobs issued."""
+    """The trigger policy; the per-region counters live in a ``TriggerState`` the runner stores."""
 
     def __init__(self, config: TriggerConfig | None = None) -> None:
         self.config = config or TriggerConfig()
-        self._since_job: dict[str, int] = {}
-        self._jobs: dict[str, int] = {}
 
-    def observe(self, region: str) -> None:
+    @staticmethod
+    def observe(state: TriggerState) -> None:
         """Count one more tile of the region."""
-        self._since_job[region] = self._since_job.get(region, 10**9) + 1
+        state.since_job += 1
 
     def decide(
-        self, region: str, *, drifted: bool, covariate: bool, buffered: int, adapted: bool = False
+        self, state: TriggerState, *, drifted: bool, covariate: bool, buffered: int, adapted: bool = False
     ) -> TriggerDecision:
         """Decide for a region whose monitor just updated (``adapted``: it serves an adapted version)."""
         cfg = self.config
@@ -60,19 +76,10 @@ class Trigger:
             return TriggerDecision(False, "label shift only: adaptation would pull predictions to the source mix")
         if buffered < cfg.min_tiles:
             return TriggerDecision(False, f"waiting for tiles: {buffered}/{cfg.min_tiles}")
-        if self._since_job.get(region, 10**9) < cfg.cooldown_tiles:
+        if state.since_job < cfg.cooldown_tiles:
             return TriggerDecision(False, "cooldown")
-        if self._jobs.get(region, 0) >= cfg.max_versions:
+        if state.jobs >= cfg.max_versions:
             return TriggerDecision(False, f"budget spent: {cfg.max_versions} versions")
-        self._since_job[region] = 0
-        self._jobs[region] = self._jobs.get(region, 0) + 1
+        state.since_job = 0
+        state.jobs += 1
         return TriggerDecision(True, "covariate drift" if covariate else "drift on an adapted version")
-
-    def state_dict(self) -> dict[str, Any]:
-        """Serialisable state."""
-        return {"since_job": dict(self._since_job), "jobs": dict(self._jobs)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict`` output."""
-        self._since_job = {k: int(v) for k, v in state["since_job"].items()}
-        self._jobs = {k: int(v) for k, v in state["jobs"].items()}

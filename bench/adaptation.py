@@ -38,18 +38,22 @@ from torch.nn import functional as F  # noqa: N812
 # run as a script, bench/ is first on sys.path and bench/serving.py would shadow the serving package
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.job import AdaptationConfig
+
 from adapters.registry import adapter_class, available_adapters, create_adapter
 from adapters.trigger import TriggerConfig
 from bench.doc_section import write_section
-from monitoring.label_shift import BBSE, total_variation
-from stream.demo import DemoConfig, Scenario, build_pipeline, dubai_scenario, run_stream, source_model, stream_item
-from stream.embedded import EmbeddedRunner
+from monitoring.label_shift import BBSE
+from serving.store import MemoryStore
+from stream.build import embedded_runner
+from stream.config import DemoConfig, Settings
+from stream.demo import demo_settings, fresh_registry, run_stream
+from stream.scenarios import Scenario, dubai_scenario, source_model, stream_item
 from terradapt.checkpoint import ModelManifest
 from terradapt.classes import IGNORE_INDEX
 from terradapt.datasets.base import Sample
 from terradapt.datasets.synthetic import SyntheticDataset
 from terradapt.errors import InvalidTileError
+from terradapt.metrics import total_variation
 from terradapt.model import UNet
 from terradapt.raster import RasterSpec
 from terradapt.training import evaluate
@@ -174,19 +178,19 @@ def min_tiles(mode: Mode) -> int:
     return default if mode.stream >= 2 * default else 4
 
 
-def policy_config(cfg: DemoConfig, mode: Mode, batch: int, name: str) -> DemoConfig:
+def policy_config(cfg: Settings, mode: Mode, batch: int, name: str) -> Settings:
     """The default system configuration, with the adaptation batch size and a trigger that fits short streams."""
     return cfg.model_copy(
         update={
-            "workdir": Path(".terradapt/bench/policy") / name,
-            "adaptation": AdaptationConfig(batch_size=batch),
+            "demo": cfg.demo.model_copy(update={"workdir": Path(".terradapt/bench/policy") / name}),
+            "adaptation": cfg.adaptation.model_copy(update={"batch_size": batch}),
             "trigger": TriggerConfig(min_tiles=min_tiles(mode)),
         }
     )
 
 
 def run_policy(
-    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: DemoConfig
+    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: Settings
 ) -> dict[str, tuple[float, float, str]]:
     """The whole system on every target's stream: region -> (deployed mIoU, seconds per tile, what happened)."""
     t = time.perf_counter()
@@ -229,7 +233,7 @@ def label_shift_errors(sc: Scenario, model: UNet) -> dict[str, tuple[float, floa
 
 
 def run_scenario(
-    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: DemoConfig, mode: Mode, seed: int, batches: list[int]
+    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: Settings, mode: Mode, seed: int, batches: list[int]
 ) -> list[RegionResult]:
     """Every method at every batch size on every target region of a scenario, then the system's policy."""
     rows: list[RegionResult] = []
@@ -268,7 +272,7 @@ def run_scenario(
 
 
 def long_stream(
-    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: DemoConfig, mode: Mode, seed: int
+    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: Settings, mode: Mode, seed: int
 ) -> dict[str, list[float]]:
     """Window mIoU (one window per target segment) over ``cycles`` passes through every target, batch 4.
 
@@ -277,16 +281,19 @@ def long_stream(
     """
     order = [r for _ in range(mode.cycles) for r in sc.streams]
     out: dict[str, list[float]] = {"source-only": [score(model, sc.held_out[r]) for r in order]}
-    pipeline = build_pipeline(cfg.model_copy(update={"workdir": Path(".terradapt/bench/long")}), sc, model, manifest)
     # a version per segment at most: cooldown under a segment, and a budget that does not run out over the stream
     trigger = TriggerConfig(min_tiles=min_tiles(mode), cooldown_tiles=mode.stream // 2, max_versions=1000)
-    runner = EmbeddedRunner(pipeline, trigger=trigger)
+    workdir = cfg.demo.model_copy(update={"workdir": Path(".terradapt/bench/long")})
+    settings = demo_settings(cfg.model_copy(update={"demo": workdir, "trigger": trigger}), sc)
+    settings = settings.model_copy(update={"stream": settings.stream.model_copy(update={"regions": ("long-1",)})})
+    registry = fresh_registry(settings, sc, model, manifest)
+    runner = embedded_runner(settings, registry, MemoryStore("predictions", per_prefix=64), spec=sc.spec)
     windows, index = [], 0
     for r in order:
         for sample in sc.streams[r]:
             runner.step(stream_item("long-1", index, sample, sc.bands))
             index += 1
-        windows.append(score(pipeline.registry.load("long-1")[0], sc.held_out[r]))
+        windows.append(score(registry.load("long-1")[0], sc.held_out[r]))
     out[POLICY] = windows
     src = tensor(sc.train[:: max(1, len(sc.train) // 16)][:16])
     for name in available_adapters():
@@ -432,17 +439,17 @@ def main() -> None:
     mode = QUICK if args.quick else FULL
     batches = [1, 4]
     t0 = time.perf_counter()
-    cfg = DemoConfig(
+    demo = DemoConfig(
         tile_size=mode.tile,
         train_tiles=mode.train_tiles,
         train_steps=mode.train_steps,
         base_channels=mode.base_channels,
         cache_dir=Path(".terradapt/bench"),
         seed=args.seed,
-        device="cpu",
     )
+    cfg = Settings.model_validate({"demo": demo, "runtime": {"device": "cpu"}, "adaptation": {"device": "cpu"}})
     sc = synthetic(mode, args.seed)
-    model, manifest, _ = source_model(cfg, sc)
+    model, manifest, _ = source_model(demo, sc, device="cpu")
     results = {"Synthetic departements": run_scenario(sc, model, manifest, cfg, mode, args.seed, batches)}
     longs = long_stream(sc, model, manifest, cfg, mode, args.seed)
     print("long stream windows:", longs, flush=True)
@@ -453,8 +460,8 @@ def main() -> None:
         except (InvalidTileError, OSError) as err:  # shared data being rewritten, or absent
             notes.append(f"Dubai areas skipped this run: {err}")
         else:
-            dcfg = cfg.model_copy(update={"dataset": "dubai"})
-            dmodel, dmanifest, _ = source_model(dcfg, dsc)
+            dcfg = cfg.model_copy(update={"demo": demo.model_copy(update={"dataset": "dubai"})})
+            dmodel, dmanifest, _ = source_model(dcfg.demo, dsc, device="cpu")
             results["Real Dubai areas (leave-areas-out)"] = run_scenario(
                 dsc, dmodel, dmanifest, dcfg, mode, args.seed, batches
             )

@@ -56,9 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.doc_section import write_section  # noqa: E402
+from monitoring.calibration import CalibrationData  # noqa: E402
 from monitoring.features import TileFeatures, forward_with_features  # noqa: E402
 from monitoring.monitor import SIGNALS, MonitorConfig, RegionMonitor  # noqa: E402
-from stream.demo import DemoConfig, Scenario, source_model, synthetic_scenario  # noqa: E402
+from stream.config import DemoConfig  # noqa: E402
+from stream.scenarios import Scenario, source_model, synthetic_scenario  # noqa: E402
 from terradapt.datasets.base import Sample, iter_patches  # noqa: E402
 from terradapt.datasets.dubai import DubaiDataset  # noqa: E402
 from terradapt.datasets.synthetic import DEPARTEMENTS, shift_image  # noqa: E402
@@ -82,7 +84,8 @@ def _to_dict(f: TileFeatures) -> dict[str, Any]:
 
 
 def _from_dict(d: dict[str, Any]) -> TileFeatures:
-    return TileFeatures(**{k: (np.asarray(v) if isinstance(v, list) else v) for k, v in d.items()})
+    values: dict[str, Any] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in d.items()}
+    return TileFeatures(**values)
 
 
 def _featurize(model: torch.nn.Module, samples: Sequence[Sample], batch: int = 8) -> list[TileFeatures]:
@@ -118,7 +121,7 @@ def synthetic_pools(quick: bool) -> Pools:
 
     def build() -> Pools:
         sc = synthetic_scenario(cfg)
-        model, _, _ = source_model(cfg, sc)
+        model, _, _ = source_model(cfg, sc, device="cpu")
         cal = list(sc.calibration)
         order = np.random.default_rng(1).permutation(len(cal))
         half = len(cal) // 2
@@ -160,7 +163,7 @@ def dubai_pools(quick: bool) -> Pools:
             rest = tiles[n_train:]
             sc.calibration += rest[: len(rest) // 2]
             held += rest[len(rest) // 2 :]
-        model, _, _ = source_model(cfg, sc)
+        model, _, _ = source_model(cfg, sc, device="cpu")
         cap = 200 if quick else 400
         hazy = [
             Sample(shift_image(s.image, DEPARTEMENTS["D013"], rng), s.mask, "hazy", s.tile_id, s.crs, s.transform)
@@ -241,14 +244,11 @@ class TerradaptMethod(Method):
         self._bytes = 0
 
     def calibrate(self, cal: list[TileFeatures]) -> None:
-        mon = RegionMonitor(self.config)
-        half = len(cal) // 2
-        mon.calibrate(cal[:half], cal[half:], seed=0)
-        self.state = json.loads(json.dumps(mon.state_dict()))
+        # the stored calibration data, as the registry keeps it: every replicate calibrates from it (shuffled halves)
+        self.template = RegionMonitor.from_calibration(self.config, CalibrationData.from_features(cal))
 
     def fresh(self) -> Callable[[TileFeatures], bool]:
-        mon = RegionMonitor()
-        mon.load_state_dict(self.state)
+        mon = self.template.fresh()
 
         def step(f: TileFeatures) -> bool:
             alarm = bool(mon.update(f).fired)
@@ -319,7 +319,8 @@ def _alibi_vectors(cal: list[TileFeatures], tiles: list[TileFeatures]) -> npt.ND
 
     ref = vec(cal)
     mean, std = ref.mean(axis=0), ref.std(axis=0)
-    return ((vec(tiles) - mean) / np.where(std > 1e-9, std, 1.0)).astype(np.float32)
+    scored: npt.NDArray[np.float32] = ((vec(tiles) - mean) / np.where(std > 1e-9, std, 1.0)).astype(np.float32)
+    return scored
 
 
 def alibi_results(
@@ -481,7 +482,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     methods: list[tuple[Method, str]] = []
     for name in DETECTORS:
         methods.append((TerradaptMethod(f"terradapt {name}", MonitorConfig(detector=name, ert=ERT)), "syn"))
-    methods.append((TerradaptMethod("terradapt suite", MonitorConfig(per_signal=SUITE, ert=ERT)), "syn"))
+    methods.append(
+        (TerradaptMethod("terradapt suite", MonitorConfig.model_validate({"per_signal": SUITE, "ert": ERT})), "syn")
+    )
     methods += [(RiverMethod("ADWIN"), "syn"), (RiverMethod("KSWIN"), "syn")]
     results: dict[str, dict[str, Row]] = {}
     memory: dict[str, int] = {}

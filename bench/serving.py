@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> Results:
     subprocess.run(["bash", str(SCRIPT), "start"], env=env, check=True, timeout=300)
     try:
         client = TorchServeClient(ts_config)
-        deployer = TorchServeDeployer(client, registry, work / "run" / "torchserve" / "model-store", lambda r: [])
+        deployer = TorchServeDeployer(client, registry, work / "run" / "torchserve" / "model-store")
         t0 = time.perf_counter()
         deployer.sync(REGION)
         results.register_s = time.perf_counter() - t0

@@ -68,6 +68,7 @@ class LabelJoin:
         version: Model version that made the prediction, when one was found.
         tile_accuracy: Pixel accuracy of this tile alone (``joined`` only).
         window: The (region, version) window after adding this tile (``joined`` only).
+        confusion: This tile's confusion matrix (truth rows; ``joined`` only).
         detail: Why a label was not joined.
 
     """
@@ -78,6 +79,7 @@ class LabelJoin:
     version: int | None = None
     tile_accuracy: float | None = None
     window: WindowAccuracy | None = None
+    confusion: Confusion | None = None
     detail: str = ""
 
 
@@ -258,6 +260,7 @@ class DelayedLabelTracker:
             pending.version,
             tile_acc,
             self._summary(pending.region, pending.version, window),
+            cm,
         )
 
     def _window(self, region: str, version: int) -> _Window:

@@ -8,7 +8,8 @@ raised at that look; spending the level over looks bounds the sum of those share
 Guarantee (stated precisely in ``CrossRegionFDR``): it holds for valid p-values, i.e. P(p <= a) <= a for a
 region without drift. ``evidence_pvalue`` gives one for any calibrated detector (1/ERT at an alarm, 1 otherwise);
 ``WindowedDetector.p_value`` gives a finer one from its fitted null tail (approximate: the tail is a
-moment-matched law, see ``monitoring.windowed``).
+moment-matched law, see ``monitoring.detectors.windowed``); the dashboard runs one review per state it
+writes (``monitoring.dashboard.state``).
 """
 
 from __future__ import annotations

@@ -15,13 +15,16 @@ What the drift monitor compares with the source domain:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
+from terradapt.metrics import pixel_entropy
 from terradapt.model import UNet, bn_layers
+from terradapt.records import FeatureStats
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,52 @@ class TileFeatures:
     class_shares: npt.NDArray[np.float64]
     mean_entropy: float
     mean_confidence: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (lists for arrays): what calibration data and warm-up state store."""
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TileFeatures:
+        """Inverse of ``to_dict``."""
+        values: dict[str, Any] = {
+            k: (np.asarray(v, dtype=np.float64) if isinstance(v, list) else v) for k, v in d.items()
+        }
+        return cls(**values)
+
+    def to_record(self, acquisition_id: str, region: str, version: int) -> FeatureStats:
+        """The FeatureStats record of a tile (what the features topic carries)."""
+        return FeatureStats(
+            acquisition_id=acquisition_id,
+            region=region,
+            model_version=version,
+            band_mean=tuple(map(float, self.band_mean)),
+            band_std=tuple(map(float, self.band_std)),
+            residual_mean=tuple(map(float, self.residual_mean)),
+            residual_std=tuple(map(float, self.residual_std)),
+            deep_mean=tuple(map(float, self.deep)),
+            bn_mean_shift=self.bn_mean_shift,
+            bn_var_ratio=self.bn_var_ratio,
+            class_shares=tuple(map(float, self.class_shares)),
+            mean_entropy=self.mean_entropy,
+            mean_confidence=self.mean_confidence,
+        )
+
+    @classmethod
+    def from_record(cls, r: FeatureStats) -> TileFeatures:
+        """Back from the record to numpy features."""
+        return cls(
+            band_mean=np.asarray(r.band_mean),
+            band_std=np.asarray(r.band_std),
+            residual_mean=np.asarray(r.residual_mean),
+            residual_std=np.asarray(r.residual_std),
+            deep=np.asarray(r.deep_mean),
+            bn_mean_shift=r.bn_mean_shift,
+            bn_var_ratio=r.bn_var_ratio,
+            class_shares=np.asarray(r.class_shares),
+            mean_entropy=r.mean_entropy,
+            mean_confidence=r.mean_confidence,
+        )
 
 
 @dataclass(frozen=True)
@@ -107,7 +156,7 @@ def forward_with_features(model: UNet, batch: torch.Tensor, images: npt.NDArray[
     finally:
         shift, ratio = recorder.close()
     probs = logits.softmax(dim=1)
-    entropy = -(probs * probs.clamp_min(1e-8).log()).sum(dim=1).mean(dim=(1, 2))
+    entropy = pixel_entropy(logits).mean(dim=(1, 2))
     confidence = probs.max(dim=1).values.mean(dim=(1, 2))
     k = logits.shape[1]
     pred = logits.argmax(dim=1)

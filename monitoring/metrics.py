@@ -68,8 +68,11 @@ DEAD_LETTER_REASONS: Final = (
     "packaging_failed",
     # adaptation errors (adapters.common: a source-replay method started without source tiles)
     "missing_source_tiles",
-    # runner-level reasons (not TerradaptError subclasses)
+    # pipeline errors (stream.pipeline, monitoring.calibration)
+    "key_mismatch",
     "predictor_unavailable",
+    "invalid_calibration",
+    # runner-level reasons (not TerradaptError subclasses)
     "internal_error",
     "adaptation_failed",
     "no_tiles",

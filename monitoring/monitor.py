@@ -9,18 +9,22 @@ and costs mIoU (shared/FINDINGS.md), so an alarm without a radiometry signal is 
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field, field_validator
 
-from monitoring.detectors import Detector, create_detector
+from monitoring.calibration import CalibrationData, CalibrationError
+from monitoring.detectors import Detector, IncompatibleStateError, create_detector
 from monitoring.features import TileFeatures
 from terradapt.settings import StrictModel
 
+log = logging.getLogger(__name__)
 Vector = npt.NDArray[np.float64]
 
 
@@ -54,15 +58,6 @@ STRONG_RATIO = 2.0
 COVARIATE_SIGNALS = tuple(name for name, (_, covariate) in SIGNALS.items() if covariate)
 
 
-def _features_to_dict(f: TileFeatures) -> dict[str, Any]:
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(f).items()}
-
-
-def _features_from_dict(d: dict[str, Any]) -> TileFeatures:
-    values: dict[str, Any] = {k: (np.asarray(v) if isinstance(v, list) else v) for k, v in d.items()}
-    return TileFeatures(**values)
-
-
 class SignalDetector(StrictModel):
     """The detector of one signal when it differs from the monitor's default ``detector``."""
 
@@ -76,6 +71,10 @@ class MonitorConfig(StrictModel):
     ``detector``/``detector_config`` apply to every signal; ``per_signal`` overrides them for named signals
     (e.g. ``{"deep": {"detector": "kernel-mmd"}}``): each test suits a different feature (a kernel two-sample
     test for high-dimensional deep features, a one-sided test for BatchNorm distances).
+
+    ``ert`` is the monitor's expected run time between false alarms, all signals together: each signal's
+    detector runs at ``ert * len(signals)`` (Bonferroni). A detector config that names its own ``ert`` keeps it
+    (that signal then has its own run time, and the monitor's overall one changes accordingly).
     """
 
     detector: str = "mean-shift"
@@ -93,6 +92,25 @@ class MonitorConfig(StrictModel):
             raise ValueError(f"per_signal: unknown signal(s) {unknown}; available: {sorted(SIGNALS)}")
         return v
 
+    @field_validator("signals")
+    @classmethod
+    def _known_signal_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(v) - set(SIGNALS))
+        if unknown or not v:
+            raise ValueError(f"signals: unknown or empty {list(v)}; available: {sorted(SIGNALS)}")
+        return v
+
+    def detector_for(self, signal: str) -> tuple[str, dict[str, Any]]:
+        """(detector name, its config) of one signal, with the signal's share of ``ert`` unless it names its own."""
+        spec = self.per_signal.get(signal)
+        name, cfg = (spec.detector, spec.config) if spec else (self.detector, self.detector_config)
+        return name, {"ert": self.ert * len(self.signals), **cfg}
+
+    def window_for(self, signal: str) -> int:
+        """The window (tiles) of one signal's detector."""
+        name, cfg = self.detector_for(signal)
+        return int(getattr(create_detector(name, cfg), "config").window)  # noqa: B009
+
 
 @dataclass(frozen=True)
 class MonitorUpdate:
@@ -102,6 +120,14 @@ class MonitorUpdate:
     thresholds: dict[str, float]
     fired: tuple[str, ...]
     newly_detected: bool
+    p_values: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def p_value(self) -> float:
+        """The region's p-value at this tile: the smallest signal p-value, Bonferroni-corrected over signals."""
+        if not self.p_values:
+            return 1.0
+        return min(1.0, min(self.p_values.values()) * len(self.p_values))
 
     @property
     def covariate_shift(self) -> bool:
@@ -134,22 +160,41 @@ class MonitorUpdate:
 class RegionMonitor:
     """The combined monitor of one region.
 
-    The expected run time is split evenly over signals (Bonferroni on the per-tile alarm rate), so the monitor
-    as a whole keeps the configured ERT on source-like data.
+    Built from the runtime config and calibrated from calibration *data* (``from_calibration``), so every
+    setting of the config takes effect; the per-region stream state (``state_dict``) holds no config and no
+    calibration. The expected run time is split evenly over signals (Bonferroni on the per-tile alarm rate), so
+    the monitor as a whole keeps the configured ERT on source-like data.
     """
 
     def __init__(self, config: MonitorConfig | None = None) -> None:
         self.config = config or MonitorConfig()
-        ert = self.config.ert * len(self.config.signals)
         self.detectors: dict[str, Detector] = {}
         for s in self.config.signals:
-            spec = self.config.per_signal.get(s)
-            name, cfg = (spec.detector, spec.config) if spec else (self.config.detector, self.config.detector_config)
-            self.detectors[s] = create_detector(name, {**cfg, "ert": ert})
+            name, cfg = self.config.detector_for(s)
+            self.detectors[s] = create_detector(name, cfg)
         self.tiles_seen = 0
         self.detected_at: int | None = None
         self.model_version = 0
         self._warmup: list[TileFeatures] | None = None
+
+    @classmethod
+    def from_calibration(cls, config: MonitorConfig, data: CalibrationData) -> RegionMonitor:
+        """A monitor of ``config`` calibrated on stored calibration data (the cross-fitting halves are shuffled).
+
+        Raises:
+            CalibrationError: the data has too few tiles for the configured windows (each half needs a window).
+
+        """
+        monitor = cls(config)
+        widest = max(config.window_for(s) for s in config.signals)
+        if data.tiles < 2 * widest:
+            raise CalibrationError(
+                f"{data.tiles} calibration tiles cannot calibrate windows of {widest} tiles: "
+                f"need at least {2 * widest} (recommended: 150 or more)"
+            )
+        fit, held_out = data.halves()
+        monitor.calibrate(fit, held_out, seed=data.seed)
+        return monitor
 
     def calibrate(self, fit: Sequence[TileFeatures], held_out: Sequence[TileFeatures], seed: int = 0) -> None:
         """Calibrate every signal on source tiles (features computed by the source model)."""
@@ -158,6 +203,14 @@ class RegionMonitor:
             extract = SIGNALS[name][0]
             det.calibrate(np.stack([extract(f) for f in fit]), np.stack([extract(f) for f in held_out]), rng)
         self.reset()
+
+    def fresh(self) -> RegionMonitor:
+        """A copy with the same calibration and an empty stream (a region seen for the first time)."""
+        clone = copy.deepcopy(self)
+        clone._warmup = None
+        clone.model_version = 0
+        clone.reset()
+        return clone
 
     def update(self, features: TileFeatures, model_version: int = 0) -> MonitorUpdate:
         """Feed one tile predicted by ``model_version``; report scores and whether drift newly started.
@@ -183,6 +236,7 @@ class RegionMonitor:
                 thresholds={n: d.threshold for n, d in self.detectors.items()},
                 fired=(),
                 newly_detected=False,
+                p_values={n: 1.0 for n in self.detectors},
             )
         was = self.drift_detected
         for name, det in self.detectors.items():
@@ -196,6 +250,7 @@ class RegionMonitor:
             thresholds={n: d.threshold for n, d in self.detectors.items()},
             fired=fired,
             newly_detected=newly,
+            p_values={n: d.p_value for n, d in self.detectors.items()},
         )
 
     @property
@@ -207,6 +262,11 @@ class RegionMonitor:
     def drift_detected(self) -> bool:
         """Whether any signal has fired."""
         return any(d.drift_detected for d in self.detectors.values())
+
+    @property
+    def tiles_since_detection(self) -> int:
+        """Tiles seen since the current detection, the detecting tile included (0 without a detection)."""
+        return 0 if self.detected_at is None else self.tiles_seen - self.detected_at + 1
 
     def rebaseline(self, features: Sequence[TileFeatures]) -> None:
         """After an adaptation: the region's recent tiles, seen by the new model, are the new normal."""
@@ -222,23 +282,31 @@ class RegionMonitor:
         self.detected_at = None
 
     def state_dict(self) -> dict[str, Any]:
-        """JSON-serialisable state (what the faust table stores per region)."""
+        """JSON-serialisable stream state (what the faust table stores per region): no config, no calibration."""
         return {
-            "config": self.config.model_dump(),
             "tiles_seen": self.tiles_seen,
             "detected_at": self.detected_at,
             "model_version": self.model_version,
-            "warmup": None if self._warmup is None else [_features_to_dict(f) for f in self._warmup],
+            "warmup": None if self._warmup is None else [f.to_dict() for f in self._warmup],
             "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict`` output."""
-        self.__init__(MonitorConfig.model_validate(state["config"]))  # type: ignore[misc]
+        """Restore a region's stream state on this (configured, calibrated) monitor.
+
+        The runtime config wins: a signal whose stored state came from another detector (the config changed
+        between restarts) starts a fresh window, with a warning, instead of misreading the old one.
+        """
         self.tiles_seen = int(state["tiles_seen"])
         self.detected_at = state["detected_at"]
         self.model_version = int(state.get("model_version", 0))
         warm = state.get("warmup")
-        self._warmup = None if warm is None else [_features_from_dict(d) for d in warm]
-        for n, s in state["detectors"].items():
-            self.detectors[n].load_state_dict(s)
+        self._warmup = None if warm is None else [TileFeatures.from_dict(d) for d in warm]
+        stored = state.get("detectors", {})
+        for name, det in self.detectors.items():
+            try:
+                if name in stored:
+                    det.load_state_dict(stored[name])
+            except IncompatibleStateError as exc:
+                log.warning("signal %s: stored stream state not reused (%s); starting a fresh window", name, exc)
+                det.reset()

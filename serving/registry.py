@@ -3,6 +3,7 @@
 Layout (same on the file system and in MinIO)::
 
     models/source/0/{weights.safetensors, manifest.json}     the shared source model (never deleted)
+    models/source/0/calibration.json                         its calibration data (monitoring.calibration)
     models/<region>/<version>/{weights.safetensors, manifest.json}
     aliases/<region>.json                                    {"current": v, "previous": v or null}
 
@@ -15,13 +16,15 @@ from __future__ import annotations
 
 import json
 
+from monitoring.calibration import CalibrationData
 from serving.store import BlobStore
 from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, decode, sha256_hex
-from terradapt.errors import ChecksumMismatchError, ModelVersionNotFoundError
+from terradapt.errors import ChecksumMismatchError, ModelVersionNotFoundError, ObjectNotFoundError
 from terradapt.model import UNet
 from terradapt.records import ModelVersion
 
 SOURCE = "source"
+CALIBRATION_KEY = f"models/{SOURCE}/0/calibration.json"
 
 
 class ModelRegistry:
@@ -59,6 +62,41 @@ class ModelRegistry:
         self.store.put(f"{prefix}/{WEIGHTS_FILE}", weights)
         self.store.put(f"{prefix}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode(), "application/json")
         return self.record(manifest)
+
+    # -- calibration -------------------------------------------------------------------------------------------
+    def publish_calibration(self, data: CalibrationData) -> str:
+        """Store the source model's calibration data beside it; return its URI.
+
+        Raises:
+            ValueError: The data was computed with other weights than the stored source model's, or on tiles the
+                source model trained on (its manifest lists them): a calibration must be held out.
+
+        """
+        manifest = self.manifest(SOURCE, 0)
+        if data.model_sha256 and data.model_sha256 != manifest.sha256:
+            raise ValueError(
+                f"calibration computed with weights {data.model_sha256[:12]}..., the source model is "
+                f"{manifest.sha256[:12]}...: calibrate with the published source model"
+            )
+        overlap = sorted(set(data.tile_ids) & set(manifest.training_tiles))
+        if overlap:
+            shown = ", ".join(overlap[:5]) + (" ..." if len(overlap) > 5 else "")
+            raise ValueError(
+                f"{len(overlap)} calibration tile(s) were used to train the source model ({shown}): "
+                "calibrate on held-out source tiles"
+            )
+        return self.store.put(CALIBRATION_KEY, data.model_dump_json().encode(), "application/json")
+
+    def calibration(self) -> CalibrationData:
+        """The source model's calibration data.
+
+        Raises:
+            ObjectNotFoundError: No calibration was published (``terradapt registry-init`` does it).
+
+        """
+        if not self.store.exists(CALIBRATION_KEY):
+            raise ObjectNotFoundError(self.store.uri(CALIBRATION_KEY))
+        return CalibrationData.model_validate_json(self.store.get(CALIBRATION_KEY))
 
     def find_job(self, region: str, job_id: str) -> ModelVersion | None:
         """The version an adaptation job already published, if any (retried jobs must not publish twice)."""

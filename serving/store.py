@@ -1,17 +1,28 @@
 """Blob stores: the small key/value interface the model registry and the stream's objects sit on.
 
-Two implementations: the local file system (embedded mode, tests of the registry logic) and MinIO
-(``serving.minio_store``, imported only where the minio client is needed).
+Three implementations: the local file system (embedded mode's registry, tests of the registry logic), memory (the
+embedded runner's acquisitions, with a bounded retention) and MinIO (``serving.minio_store``, imported only where
+the minio client is needed).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from terradapt.errors import ObjectNotFoundError
+
+
+class TileReader(Protocol):
+    """Reads the object a message's ``href`` names (``s3://``, ``file://``, ``memory://``...)."""
+
+    def get(self, href: str) -> bytes:
+        """The object's bytes; ObjectNotFoundError when it does not exist."""
+        ...
 
 
 @runtime_checkable
@@ -89,3 +100,81 @@ class FileSystemStore:
 
     def uri(self, key: str) -> str:
         return (self.root.resolve() / key).as_uri()
+
+
+class MemoryStore:
+    """Objects in memory, ``memory://<name>/<key>`` URIs; optionally bounded per first key segment.
+
+    ``per_prefix`` keeps only the most recent objects under each first segment of their keys (a region, in the
+    embedded runner's ``<region>/<acquisition>.tif`` layout), like an object-lifecycle rule on a bucket: a
+    stream that never ends does not fill memory, and whatever reads an expired object gets
+    ``ObjectNotFoundError`` as it would from S3.
+    """
+
+    def __init__(self, name: str = "objects", *, per_prefix: int | None = None) -> None:
+        if per_prefix is not None and per_prefix < 1:
+            raise ValueError(f"per_prefix={per_prefix}; accepted: >= 1 or None")
+        self.name = name
+        self.per_prefix = per_prefix
+        self._objects: dict[str, bytes] = {}
+        self._order: dict[str, OrderedDict[str, None]] = {}
+        self._lock = threading.Lock()
+
+    def key_of(self, uri: str) -> str:
+        """The key a ``memory://`` URI of this store names."""
+        prefix = f"memory://{self.name}/"
+        if not uri.startswith(prefix):
+            raise ValueError(f"uri={uri!r}; accepted: {prefix}<key>")
+        return uri[len(prefix) :]
+
+    def get(self, key: str) -> bytes:
+        with self._lock:
+            try:
+                return self._objects[key]
+            except KeyError:
+                raise ObjectNotFoundError(self.uri(key)) from None
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        group = key.split("/", 1)[0]
+        with self._lock:
+            self._objects[key] = bytes(data)
+            order = self._order.setdefault(group, OrderedDict())
+            order[key] = None
+            order.move_to_end(key)
+            while self.per_prefix is not None and len(order) > self.per_prefix:
+                old, _ = order.popitem(last=False)
+                self._objects.pop(old, None)
+        return self.uri(key)
+
+    def exists(self, key: str) -> bool:
+        with self._lock:
+            return key in self._objects
+
+    def list(self, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for k in self._objects if k.startswith(prefix))
+
+    def delete(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+            self._order.get(key.split("/", 1)[0], OrderedDict()).pop(key, None)
+
+    def uri(self, key: str) -> str:
+        return f"memory://{self.name}/{key}"
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
+class MemoryReader:
+    """A ``TileReader`` over the ``memory://`` URIs of a ``MemoryStore``."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self.store = store
+
+    def get(self, href: str) -> bytes:
+        try:
+            key = self.store.key_of(href)
+        except ValueError:
+            raise ObjectNotFoundError(href) from None
+        return self.store.get(key)

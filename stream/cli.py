@@ -22,44 +22,47 @@ def _console() -> Console:
     return Console()
 
 
-def _load_demo_config(config: Path | None, dataset: str | None, quick: bool) -> object:
-    from stream.demo import DemoConfig
-    from terradapt.settings import read_toml
+def _settings(config: Path | None) -> object:
+    from stream.config import ConfigError, load_settings
 
-    data = read_toml(config) if config else {}
-    if dataset:
-        data["dataset"] = dataset
-    if quick:
-        data.update(
-            {
-                "train_tiles": 12,
-                "calibration_tiles": 24,
-                "stream_tiles": 24,
-                "eval_tiles": 4,
-                "train_steps": 120,
-                "tile_size": 128,
-            }
-        )
-    return DemoConfig.model_validate(data)
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+ConfigOption = Annotated[Path | None, typer.Option(help="TOML settings file (else TERRADAPT_CONFIG / env only)")]
 
 
 @app.command()
 def demo(
     dataset: Annotated[
-        str, typer.Option(help="synthetic (FLAIR-format departements) or dubai (real areas)")
-    ] = "synthetic",
-    config: Annotated[Path | None, typer.Option(help="TOML file with DemoConfig keys")] = None,
+        str | None, typer.Option(help="synthetic (FLAIR-format departements) or dubai (real areas); default: settings")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML settings file ([demo] and every other section)")] = None,
     quick: Annotated[bool, typer.Option(help="tiny configuration (tests, smoke runs)")] = False,
     metrics_port: Annotated[int, typer.Option(help="serve Prometheus /metrics on this loopback port (0 = off)")] = 0,
 ) -> None:
-    """Run the whole loop on embedded defaults: stream, detect drift, adapt, gate, deploy, report."""
+    """Run the whole loop on embedded defaults: stream, detect drift, adapt, gate, deploy, report.
+
+    Every setting applies (``TERRADAPT_MONITOR__ERT``, ``TERRADAPT_ADAPTATION__METHOD``...); ``[demo]`` /
+    ``TERRADAPT_DEMO__*`` choose the scenario.
+    """
     import torch
 
-    from stream.demo import DemoConfig, run_demo
+    from stream.config import QUICK_DEMO, Settings
+    from stream.demo import run_demo
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    cfg = _load_demo_config(config, dataset, quick)
-    assert isinstance(cfg, DemoConfig)
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    update = dict(QUICK_DEMO) if quick else {}
+    if dataset:
+        update["dataset"] = dataset
+    settings = settings.model_copy(
+        update={"demo": settings.demo.model_validate({**settings.demo.model_dump(), **update})}
+    )
+    cfg = settings.demo
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -89,15 +92,17 @@ def demo(
         def on_stage(name: str) -> None:
             progress.console.log(name)
 
-        metrics = None
+        observer = None
         if metrics_port:
             from prometheus_client import CollectorRegistry
 
             from monitoring.metrics import ServiceMetrics
+            from stream.observer import MetricsObserver
 
             metrics = ServiceMetrics(CollectorRegistry())
             metrics.serve(metrics_port)
-        result = run_demo(cfg, on_train=on_train, on_tile=on_tile, on_stage=on_stage, metrics=metrics)
+            observer = MetricsObserver(metrics)
+        result = run_demo(settings, on_train=on_train, on_tile=on_tile, on_stage=on_stage, observer=observer)
     table = Table(title="terradapt demo: per-region results")
     for col in (
         "region",
@@ -186,6 +191,7 @@ def train(
             classes=classes,
             bands=bands,
             regions=tuple(sorted({s.region for s in labelled})),
+            tile_ids=[f"{s.region}/{s.tile_id}" for s in labelled],
             progress=lambda step, loss: progress.update(task, completed=step),
         )
     saved = save_checkpoint(out, model, manifest)
@@ -226,17 +232,32 @@ def adapt(
     data: Annotated[Path, typer.Argument(help="FLAIR-layout root holding the target region's tiles")],
     region: Annotated[str, typer.Option(help="target region code, e.g. D013")],
     model_dir: Annotated[Path, typer.Option("--model", help="source checkpoint folder")] = Path(".terradapt/source"),
-    method: Annotated[str, typer.Option(help="adaptation method")] = "bn",
+    method: Annotated[
+        str | None, typer.Option(help="adaptation method (default: the settings' for the region)")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="where to write the adapted checkpoint")] = None,
+    config: ConfigOption = None,
 ) -> None:
-    """Adapt a checkpoint to one region's tiles with a registered method, gate it, and save it."""
+    """Adapt a checkpoint to one region's tiles with a registered method, gate it, and save it.
+
+    The ``[adaptation]`` settings apply (method per region, method config, epochs, gate); ``--method`` replaces the
+    region's method.
+    """
     from adapters.buffer import BufferedTile
-    from adapters.job import AdaptationConfig, run_adaptation
+    from adapters.config import AdaptationConfig, RegionMethod
+    from adapters.policy import run_adaptation
+    from stream.config import Settings
     from terradapt.checkpoint import ModelManifest, load_checkpoint
     from terradapt.datasets.base import Sample
     from terradapt.records import AdaptationJob, DriftEvent
 
-    cfg = AdaptationConfig(method=method)
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    cfg: AdaptationConfig = settings.adaptation
+    if method is not None:
+        per_region = {**cfg.per_region, region: RegionMethod(method=method)}
+        cfg = cfg.model_copy(update={"per_region": per_region})
+    method = cfg.method_for(region).method
     model, manifest = load_checkpoint(model_dir)
     _, samples = _flair_samples(data, [region])
     tiles = [BufferedTile(s.tile_id, s.image) for s in samples if isinstance(s, Sample)]
@@ -267,23 +288,12 @@ def adapt(
     _console().print(f"saved {target}")
 
 
-def _settings(config: Path | None) -> object:
-    from stream.config import ConfigError, load_settings
-
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-
-
-ConfigOption = Annotated[Path | None, typer.Option(help="TOML settings file (else TERRADAPT_CONFIG / env only)")]
-
-
 @app.command()
 def topics(config: ConfigOption = None) -> None:
     """Create the Kafka topics (idempotent) with the configured partition count."""
     from stream.config import Settings
-    from stream.kafka.topics import Topics, ensure_topics
+    from stream.kafka.topics import ensure_topics
+    from stream.topics import Topics
 
     settings = _settings(config)
     assert isinstance(settings, Settings)
@@ -298,33 +308,41 @@ def registry_init(
     regions: Annotated[str | None, typer.Option(help="comma-separated source regions to calibrate on")] = None,
     config: ConfigOption = None,
 ) -> None:
-    """Publish the source model to the MinIO registry and calibrate the drift monitor on held-out source tiles."""
+    """Publish the source model to the MinIO registry and calibrate the drift monitor on held-out source tiles.
+
+    The calibration tiles must be held out: a tile the source model trained on (its manifest lists them) is
+    refused, and fewer than 150 tiles is a warning (looser thresholds).
+    """
     from serving.minio_store import MinioStore, minio_client
-    from serving.predictor import InProcessPredictor
     from serving.registry import ModelRegistry
+    from stream.bootstrap import bootstrap_registry
     from stream.config import Settings
-    from stream.pipeline import CALIBRATION_KEY, calibrate_monitor
     from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest
     from terradapt.datasets.base import Sample
 
     settings = _settings(config)
     assert isinstance(settings, Settings)
-    store = MinioStore(minio_client(settings.s3), settings.s3.bucket_models)
-    registry = ModelRegistry(store)
+    registry = ModelRegistry(MinioStore(minio_client(settings.s3), settings.s3.bucket_models))
     manifest = ModelManifest.model_validate_json((model_dir / MANIFEST_FILE).read_bytes())
-    version = registry.publish_source((model_dir / WEIGHTS_FILE).read_bytes(), manifest)
     _, samples = _flair_samples(data, regions.split(",") if regions else None)
     tiles = [s for s in samples if isinstance(s, Sample)]
-    images = [s.image for s in tiles]
     # labels, when every calibration tile has one, give the source confusion matrix for label-shift estimates
     masks = [s.mask for s in tiles if s.mask is not None]
-    predictor = InProcessPredictor(registry, device=settings.runtime.device)
-    calibration = calibrate_monitor(
-        predictor, images, settings.monitor, settings.runtime.seed, masks if len(masks) == len(tiles) else None
-    )
-    store.put(CALIBRATION_KEY, json.dumps(calibration).encode(), "application/json")
+    try:
+        version, calibration = bootstrap_registry(
+            registry,
+            (model_dir / WEIGHTS_FILE).read_bytes(),
+            manifest,
+            [s.image for s in tiles],
+            tile_ids=[f"{s.region}/{s.tile_id}" for s in tiles],
+            masks=masks if len(masks) == len(tiles) else None,
+            seed=settings.runtime.seed,
+            device=settings.runtime.device,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     _console().print(
-        f"source model {version.href} (sha256 {version.sha256[:12]}...), calibrated on {len(images)} tiles"
+        f"source model {version.href} (sha256 {version.sha256[:12]}...), calibrated on {calibration.tiles} tiles"
     )
 
 
@@ -339,7 +357,7 @@ def ingest(
     from stream.config import Settings
     from stream.kafka.ingest import ingest as run_ingest
     from stream.kafka.ingest import make_producer
-    from stream.kafka.topics import Topics
+    from stream.topics import Topics
 
     settings = _settings(config)
     assert isinstance(settings, Settings)
@@ -365,7 +383,7 @@ def label(
     from serving.minio_store import MinioStore, minio_client
     from stream.config import Settings
     from stream.kafka.ingest import make_producer
-    from stream.kafka.topics import Topics
+    from stream.topics import Topics
     from terradapt.records import LabelRecord
 
     settings = _settings(config)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from pydantic import Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from adapters.job import AdaptationConfig
+from adapters.config import AdaptationConfig
 from adapters.trigger import TriggerConfig
 from monitoring.monitor import MonitorConfig
 from terradapt.settings import KafkaConfig, RuntimeConfig, S3Config, StrictModel, TorchServeConfig, read_toml
@@ -36,7 +36,8 @@ class StreamConfig(StrictModel):
     max_tile_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_tile_pixels: int = Field(default=64_000_000, ge=1024)
     buffer_tiles: int = Field(default=16, ge=1, description="recent tiles kept per region for adaptation")
-    predict_retries: int = Field(default=3, ge=0)
+    predict_retries: int = Field(default=3, ge=0, description="retries of a transient predictor failure per tile")
+    label_window: int = Field(default=50, ge=1, description="labelled tiles per (region, version) accuracy window")
     band_count: int | None = 5
     expected_crs: str | None = "EPSG:2154"
 
@@ -52,6 +53,39 @@ class PrometheusConfig(StrictModel):
     """Where the Prometheus server is (dashboards, tests)."""
 
     url: str = "http://127.0.0.1:19090"
+
+
+class DemoConfig(StrictModel):
+    """The demo's scenario (``terradapt demo``): which data, how much of it, where files go.
+
+    The loop itself (monitor, trigger, adaptation, gate, buffers...) is configured by the other sections, as in
+    every runner.
+    """
+
+    dataset: Literal["synthetic", "dubai"] = "synthetic"
+    workdir: Path = Path(".terradapt/demo")
+    cache_dir: Path = Path(".terradapt/cache")
+    report_dir: Path = Path("report")
+    tile_size: int = Field(default=256, ge=64)
+    train_tiles: int = Field(default=32, ge=4, description="source tiles per source region")
+    calibration_tiles: int = Field(default=40, ge=8)
+    stream_tiles: int = Field(default=40, ge=8, description="streamed tiles per region")
+    eval_tiles: int = Field(default=12, ge=1, description="held-out labelled tiles per region")
+    label_delay: int = Field(default=3, ge=0, description="acquisitions between a tile and its delayed label")
+    train_steps: int = Field(default=300, ge=1)
+    base_channels: int = Field(default=16, ge=4)
+    seed: int = 0
+
+
+#: ``terradapt demo --quick``: a configuration for tests and smoke runs.
+QUICK_DEMO: dict[str, Any] = {
+    "train_tiles": 12,
+    "calibration_tiles": 24,
+    "stream_tiles": 24,
+    "eval_tiles": 4,
+    "train_steps": 120,
+    "tile_size": 128,
+}
 
 
 class Settings(BaseSettings):
@@ -71,6 +105,7 @@ class Settings(BaseSettings):
     trigger: TriggerConfig = Field(default_factory=TriggerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -86,18 +121,29 @@ class Settings(BaseSettings):
 
 
 def _check_env(environ: dict[str, str]) -> None:
-    sections = Settings.model_fields
+    """Reject ``TERRADAPT_<SECTION>__<FIELD>[__<FIELD>...]`` variables that name no setting, listing the valid ones."""
     for key in environ:
         if not key.startswith(ENV_PREFIX) or ENV_DELIMITER not in key:
             continue
-        section, _, field = key[len(ENV_PREFIX) :].lower().partition(ENV_DELIMITER)
-        if section not in sections:
-            raise ConfigError(f"unknown setting {key}: sections are {', '.join(sorted(sections))}")
-        annotation = sections[section].annotation
-        fields = getattr(annotation, "model_fields", {})
-        name = field.split(ENV_DELIMITER)[0]
-        if name not in fields:
-            raise ConfigError(f"unknown setting {key}: fields of [{section}] are {', '.join(sorted(fields))}")
+        model: type[BaseModel] = Settings
+        where = "sections"
+        for part in key[len(ENV_PREFIX) :].lower().split(ENV_DELIMITER):
+            fields = model.model_fields
+            if part not in fields:
+                raise ConfigError(f"unknown setting {key}: {where} are {', '.join(sorted(fields))}")
+            annotation = _model_of(fields[part].annotation)
+            if annotation is None:
+                break  # a leaf (or a dict/JSON value): pydantic validates the rest
+            model, where = annotation, f"fields of [{part}]"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (``X`` or ``X | None``), else None."""
+    candidates = [annotation, *get_args(annotation)]
+    for c in candidates:
+        if isinstance(c, type) and issubclass(c, BaseModel):
+            return c
+    return None
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -1,29 +1,41 @@
-"""Embedded runner: the whole loop in one process with in-memory state, no services.
+"""Embedded runner: the whole loop in one process, no services. It moves messages and stores state, nothing else.
 
-Acquisitions are fed in order; each goes through the shared pipeline. An adaptation job runs right away (there is
-no event loop to block here), and an accepted version is rolled out for its region only. Labels, when the dataset
-has them, are joined after prediction to measure per-region, per-version accuracy (the delayed-label path).
+An in-memory bus stands where Kafka stands in the workers: each acquisition's object goes into a bounded
+``MemoryStore`` (its ``memory://`` href is what the STAC item announces), the item's JSON goes on the queue, and
+every message is handed to the pipeline call of its kind (``process``, ``run_job``, ``process_label``), exactly as
+the faust agents and the adaptation worker do; what a call returns is routed the same way (an adaptation job is
+run before the next acquisition: there is no event loop to block here). Per-region state is the same bytes the
+faust tables store. Labels, when the dataset has them, become ``LabelRecord`` messages ``label_delay``
+acquisitions later (the delayed-label path).
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from affine import Affine
 
-from adapters.buffer import BufferedTile, TileBuffer
-from adapters.trigger import Trigger, TriggerConfig
-from monitoring.accuracy import DelayedLabelTracker
-from monitoring.monitor import RegionMonitor
-from stream.pipeline import Adapted, Pipeline
-from terradapt.classes import IGNORE_INDEX
-from terradapt.errors import TerradaptError
-from terradapt.metrics import confusion_matrix, miou
-from terradapt.records import Acquisition, DeadLetter, DriftEvent, RolloutEvent
+from monitoring.accuracy import LabelJoin
+from monitoring.monitor import MonitorUpdate
+from serving.store import MemoryStore
+from stream.observer import NullObserver
+from stream.pipeline import Outcome, Pipeline
+from stream.topics import TopicName
+from terradapt.metrics import miou
+from terradapt.raster import Raster, raster_to_geotiff_bytes
+from terradapt.records import (
+    Acquisition,
+    DeadLetter,
+    DriftEvent,
+    LabelRecord,
+    ModelVersion,
+    RolloutEvent,
+    TilePrediction,
+)
 
 
 @dataclass(frozen=True)
@@ -37,7 +49,7 @@ class StreamItem:
 
 @dataclass
 class TileLog:
-    """What happened to one tile (for the table and the plots)."""
+    """What one tile did to its region's monitor (for the table, the plots and the dashboard)."""
 
     region: str
     index: int
@@ -47,144 +59,145 @@ class TileLog:
     scores: dict[str, float]
     thresholds: dict[str, float]
     fired: tuple[str, ...]
+    p_value: float = 1.0
 
 
 @dataclass
 class RunResult:
-    """Everything the embedded run produced."""
+    """Everything the embedded run produced: the published records by topic, and the per-tile monitor log."""
 
     tiles: list[TileLog] = field(default_factory=list)
+    predictions: list[TilePrediction] = field(default_factory=list)
     drift_events: list[DriftEvent] = field(default_factory=list)
-    adaptations: list[Adapted] = field(default_factory=list)
+    adaptations: list[ModelVersion] = field(default_factory=list)
     rollouts: list[RolloutEvent] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     confusion: dict[tuple[str, int], npt.NDArray[np.int64]] = field(default_factory=dict)
     first_detection: dict[str, int] = field(default_factory=dict)
 
     def region_miou(self, region: str, version: int) -> float | None:
-        """MIoU of a version on the region's labelled tiles it predicted (None if it predicted none)."""
+        """MIoU of a version on the region's delayed labels (None if none was joined)."""
         cm = self.confusion.get((region, version))
         return None if cm is None else miou(cm)
 
 
+class RunRecorder(NullObserver):
+    """The pipeline observer that writes the run's monitor log and label confusion into a ``RunResult``."""
+
+    def __init__(self, result: RunResult, on_tile: Callable[[TileLog], None] | None = None) -> None:
+        self.result = result
+        self.on_tile = on_tile
+        self._counts: dict[str, int] = {}
+
+    def monitored(self, prediction: TilePrediction, update: MonitorUpdate) -> None:
+        region = prediction.region
+        index = self._counts[region] = self._counts.get(region, 0) + 1
+        if update.newly_detected:
+            self.result.first_detection.setdefault(region, index)
+        log = TileLog(
+            region,
+            index,
+            prediction.acquisition_id,
+            prediction.model_version,
+            update.max_ratio,
+            dict(update.scores),
+            dict(update.thresholds),
+            update.fired,
+            update.p_value,
+        )
+        self.result.tiles.append(log)
+        if self.on_tile is not None:
+            self.on_tile(log)
+
+    def labelled(self, region: str, join: LabelJoin) -> None:
+        if join.confusion is None or join.region is None or join.version is None:
+            return
+        key = (join.region, join.version)
+        previous = self.result.confusion.get(key)
+        self.result.confusion[key] = join.confusion if previous is None else previous + join.confusion
+
+
 class EmbeddedRunner:
-    """Plain in-process loop over the shared pipeline."""
+    """A plain in-process loop over the shared pipeline.
+
+    Args:
+        pipeline: The pipeline; its ``reader`` must read the ``objects`` store (``serving.store.MemoryReader``),
+            and its observer should include ``recorder`` (``stream.observer.Observers``).
+        objects: Where acquisitions and label masks are put (bounded per region, like a bucket lifecycle rule).
+        recorder: Fills the run result from the pipeline's events.
+        label_delay: Acquisitions between a tile and its delayed label.
+
+    """
 
     def __init__(
-        self,
-        pipeline: Pipeline,
-        *,
-        trigger: TriggerConfig | None = None,
-        buffer_capacity: int = 16,
-        labels_in_gate: bool = False,
-        label_delay: int = 3,
-        on_tile: Callable[[TileLog], None] | None = None,
+        self, pipeline: Pipeline, objects: MemoryStore, recorder: RunRecorder, *, label_delay: int = 3
     ) -> None:
         self.pipeline = pipeline
-        self.trigger = Trigger(trigger)
-        self.buffer = TileBuffer(buffer_capacity)
-        self.monitors: dict[str, RegionMonitor] = {}
-        self.labels_in_gate = labels_in_gate
-        self.on_tile = on_tile
-        self.result = RunResult()
-        self._counts: dict[str, int] = {}
-        # delayed labels: the dataset's masks reach the accuracy metrics ``label_delay`` tiles after prediction
+        self.objects = objects
+        self.result = recorder.result
         self.label_delay = label_delay
-        self._labels: deque[tuple[str, npt.NDArray[np.uint8]]] = deque()
-        self._tracker: DelayedLabelTracker | None = None
-
-    def _label(
-        self,
-        acq_id: str,
-        region: str,
-        version: int,
-        class_map: npt.NDArray[np.uint8],
-        mask: npt.NDArray[np.uint8],
-        num_classes: int,
-    ) -> None:
-        if self.pipeline.metrics is None:
-            return
-        if self._tracker is None:
-            self._tracker = DelayedLabelTracker(num_classes, window=50)
-        self._tracker.record_prediction(acq_id, region, version, class_map=class_map)
-        self._labels.append((acq_id, mask))
-        while len(self._labels) > self.label_delay:
-            self.deliver_one()
-
-    def deliver_one(self) -> None:
-        """Join the oldest pending label with its prediction and update the accuracy metrics."""
-        metrics = self.pipeline.metrics
-        if not self._labels or self._tracker is None or metrics is None:
-            return
-        acq_id, mask = self._labels.popleft()
-        join = self._tracker.add_label(acq_id, mask)
-        if join.window is not None:
-            w = join.window
-            metrics.observe_label(w.region, join.outcome)
-            metrics.observe_accuracy(w.region, w.version, w.accuracy, w.miou, w.tiles)
-
-    def monitor(self, region: str) -> RegionMonitor:
-        """The region's monitor, created calibrated on first use."""
-        if region not in self.monitors:
-            self.monitors[region] = self.pipeline.new_monitor()
-        return self.monitors[region]
+        self.states: dict[str, bytes] = {}
+        self.label_states: dict[str, bytes] = {}
+        self._queue: deque[tuple[TopicName, str, bytes]] = deque()
+        self._labels: deque[tuple[str, bytes]] = deque()
 
     def run(self, items: Iterable[StreamItem]) -> RunResult:
         """Process every item; bad input becomes a dead letter and the loop goes on."""
         for item in items:
             self.step(item)
         while self._labels:  # the last labels arrive after the stream
-            self.deliver_one()
+            self._queue.append(("labels", *self._labels.popleft()))
+        self._drain()
         return self.result
 
     def step(self, item: StreamItem) -> None:
-        """One acquisition through every stage."""
+        """Publish one acquisition (its object first, as ``terradapt ingest`` does), then deliver what is due."""
         acq = item.acquisition
-        started = time.perf_counter()
-        try:
-            raster = self.pipeline.read(acq, item.data)
-        except TerradaptError as exc:
-            self.pipeline.rejected(acq.region, exc, started)
-            self.result.dead_letters.append(
-                DeadLetter(topic="acquisitions", reason=exc.reason, error=str(exc), payload=acq.to_json().decode())
-            )
-            return
-        predicted = self.pipeline.predict(acq, raster)
-        version = predicted.prediction.model_version
+        href = self.objects.put(f"{acq.region}/{acq.id}.tif", item.data, "image/tiff")
+        acq = acq.model_copy(update={"href": href})
+        self._queue.append(("acquisitions", acq.region, acq.to_json()))
         if item.mask is not None:
-            k = predicted.output.features.class_shares.shape[0]
-            self._label(acq.id, acq.region, version, predicted.output.class_map, item.mask, k)
-            cm = confusion_matrix(predicted.output.class_map, item.mask, k, IGNORE_INDEX)
-            key = (acq.region, version)
-            self.result.confusion[key] = self.result.confusion.get(key, np.zeros((k, k), np.int64)) + cm
-        mask = item.mask if self.labels_in_gate else None
-        tile = BufferedTile(acq.id, raster.data.astype(np.uint8), mask, href=acq.href)
-        self.buffer.add(acq.region, tile)
-        monitor = self.monitor(acq.region)
-        recent = [(t.acquisition_id, t.href) for t in self.buffer.recent(acq.region)]
-        observed = self.pipeline.observe(acq, predicted.features, monitor, self.trigger, recent)
-        index = self._counts[acq.region] = self._counts.get(acq.region, 0) + 1
-        if observed.update.newly_detected and observed.drift is not None:
-            self.result.drift_events.append(observed.drift)
-            self.result.first_detection.setdefault(acq.region, index)
-        log = TileLog(
-            acq.region,
-            index,
-            acq.id,
-            version,
-            observed.update.max_ratio,
-            observed.update.scores,
-            observed.update.thresholds,
-            observed.update.fired,
-        )
-        self.result.tiles.append(log)
-        self.pipeline.done(acq.region, started)
-        if self.on_tile is not None:
-            self.on_tile(log)
-        if observed.job is not None:
-            tiles = self.buffer.recent(acq.region)
-            adapted = self.pipeline.adapt(observed.job, tiles)
-            self.result.adaptations.append(adapted)
-            event = self.pipeline.deploy(adapted.version)
-            if event is not None:
-                self.result.rollouts.append(event)
+            self._labels.append((acq.region, self._label(acq, item.mask)))
+        while len(self._labels) > self.label_delay:
+            self._queue.append(("labels", *self._labels.popleft()))
+        self._drain()
+
+    def _label(self, acq: Acquisition, mask: npt.NDArray[np.uint8]) -> bytes:
+        data = raster_to_geotiff_bytes(Raster(mask[None].astype(np.uint8), None, Affine.identity()))
+        href = self.objects.put(f"{acq.region}/labels/{acq.id}.tif", data, "image/tiff")
+        return LabelRecord(acquisition_id=acq.id, region=acq.region, href=href).to_json()
+
+    def _drain(self) -> None:
+        while self._queue:
+            topic, key, payload = self._queue.popleft()
+            if topic == "acquisitions":
+                outcome = self.pipeline.process(payload, key, self.states.get(key))
+                self._store(self.states, key, outcome)
+            elif topic == "adaptation_jobs":
+                outcome = self.pipeline.run_job(payload, key)
+            else:
+                outcome = self.pipeline.process_label(payload, key, self.label_states.get(key))
+                self._store(self.label_states, key, outcome)
+            self._route(outcome)
+
+    @staticmethod
+    def _store(table: dict[str, bytes], key: str, outcome: Outcome) -> None:
+        if outcome.state is not None:
+            table[key] = outcome.state
+
+    def _route(self, outcome: Outcome) -> None:
+        r = self.result
+        for m in outcome.messages:
+            record = m.record
+            if m.topic == "adaptation_jobs":
+                self._queue.append(("adaptation_jobs", m.key, record.to_json()))
+            elif isinstance(record, TilePrediction):
+                r.predictions.append(record)
+            elif isinstance(record, DriftEvent):
+                r.drift_events.append(record)
+            elif isinstance(record, ModelVersion):
+                r.adaptations.append(record)
+            elif isinstance(record, RolloutEvent):
+                r.rollouts.append(record)
+            elif isinstance(record, DeadLetter):
+                r.dead_letters.append(record)

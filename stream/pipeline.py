@@ -1,348 +1,472 @@
-"""The flow of one acquisition through every stage, written once for every runner.
+"""The flow of every message through every stage, written once for every runner.
 
-    Acquisition -> read + validate -> predict -> features -> monitor -> trigger -> AdaptationJob
-    AdaptationJob -> adapt -> gate -> publish (ModelVersion) -> rollout (RolloutEvent) -> monitor re-baseline
+Three message kinds, three calls; each takes the raw payload (and, where the message kind has one, the region's
+stored state) and returns what to publish (and the region's new state). Nothing else orders stages::
 
-The embedded runner calls these methods in a plain loop; the faust agents call the same methods, the adaptation
-step in its own process. Per-region state (monitor, trigger, tile buffer) is passed in by the runner, which owns
-where it lives (memory, or a changelog-backed faust table).
+    process(acquisition)   parse -> region -> read object -> validate raster -> predict (+ features, same pass)
+                           -> prediction COG -> monitor -> trigger                 => predictions, features,
+                                                                                      drift-events, adaptation-jobs
+    run_job(job)           parse -> idempotency / staleness -> read tiles -> adapt or reset (adapters.policy)
+                           -> gate -> publish -> rollout (same gate context)       => model-versions, rollouts
+    process_label(label)   parse -> read mask -> read prediction COG -> join -> accuracy window => (metrics)
+
+Any typed error becomes a dead letter with the original payload and the reason; an unexpected error too
+(``internal_error`` / ``adaptation_failed``), so no runner has a try/except of its own. The embedded runner calls
+these in a loop over in-memory queues; the faust agents call ``process`` and ``process_label`` and store the
+returned state in their tables; the adaptation worker calls ``run_job``. No stage knows which runner carries it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
 from adapters.buffer import BufferedTile
-from adapters.gate import GateResult
-from adapters.job import AdaptationConfig, reset_to_source, run_adaptation
-from adapters.trigger import Trigger, TriggerDecision
-from monitoring.features import TileFeatures
-from monitoring.label_shift import BBSE
-from monitoring.metrics import ServiceMetrics
+from adapters.config import AdaptationConfig
+from adapters.policy import adapt_or_reset, gate_context
+from adapters.trigger import Trigger, TriggerConfig
+from monitoring.accuracy import DelayedLabelTracker
+from monitoring.calibration import CalibrationData, CalibrationError
 from monitoring.monitor import MonitorConfig, MonitorUpdate, RegionMonitor
 from serving.predictor import Predictor, TileOutput
-from serving.registry import ModelRegistry
-from serving.rollout import Deployer
-from serving.store import BlobStore
-from terradapt.classes import IGNORE_INDEX
-from terradapt.errors import TerradaptError, UnknownRegionError
-from terradapt.metrics import confusion_matrix
-from terradapt.raster import Raster, RasterSpec, read_raster, write_cog
+from serving.registry import SOURCE, ModelRegistry
+from serving.rollout import Deployer, RolloutContext
+from serving.store import BlobStore, TileReader
+from stream.observer import NullObserver, PipelineObserver, timed
+from stream.state import RecentTile, RegionState
+from stream.topics import TopicName, Topics
+from terradapt.classes import flair_to_13
+from terradapt.errors import InvalidPayloadError, TerradaptError, UnknownRegionError
+from terradapt.raster import Raster, RasterSpec, read_prediction, read_raster, write_cog
 from terradapt.records import (
     Acquisition,
     AdaptationJob,
+    DeadLetter,
     DriftEvent,
-    FeatureStats,
+    LabelRecord,
     ModelVersion,
-    RolloutEvent,
+    Record,
+    Stage,
     TilePrediction,
+    parse_record,
 )
 
-CALIBRATION_KEY = "models/source/0/calibration.json"
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=Record)
+
+#: What a label mask must be: one band, any CRS, unlabelled pixels allowed everywhere.
+MASK_SPEC = RasterSpec(band_count=1, require_crs=False, max_nodata_fraction=1.0)
 
 
-def feature_record(acq: Acquisition, f: TileFeatures, version: int) -> FeatureStats:
-    """The FeatureStats record of a tile."""
-    return FeatureStats(
-        acquisition_id=acq.id,
-        region=acq.region,
-        model_version=version,
-        band_mean=tuple(map(float, f.band_mean)),
-        band_std=tuple(map(float, f.band_std)),
-        residual_mean=tuple(map(float, f.residual_mean)),
-        residual_std=tuple(map(float, f.residual_std)),
-        deep_mean=tuple(map(float, f.deep)),
-        bn_mean_shift=f.bn_mean_shift,
-        bn_var_ratio=f.bn_var_ratio,
-        class_shares=tuple(map(float, f.class_shares)),
-        mean_entropy=f.mean_entropy,
-        mean_confidence=f.mean_confidence,
-    )
+class KeyMismatchError(TerradaptError, ValueError):
+    """A message's Kafka key is not its region: per-region state is partitioned by key, so it is refused."""
+
+    reason = "key_mismatch"
+
+    def __init__(self, key: str | None, region: str) -> None:
+        super().__init__(f"message key {key!r} is not its region {region!r}: publish keyed by region")
 
 
-def features_from_record(r: FeatureStats) -> TileFeatures:
-    """Back from the record (what the Kafka monitor consumes) to numpy features."""
-    return TileFeatures(
-        band_mean=np.asarray(r.band_mean),
-        band_std=np.asarray(r.band_std),
-        residual_mean=np.asarray(r.residual_mean),
-        residual_std=np.asarray(r.residual_std),
-        deep=np.asarray(r.deep_mean),
-        bn_mean_shift=r.bn_mean_shift,
-        bn_var_ratio=r.bn_var_ratio,
-        class_shares=np.asarray(r.class_shares),
-        mean_entropy=r.mean_entropy,
-        mean_confidence=r.mean_confidence,
-    )
+class PredictorUnavailableError(TerradaptError, ConnectionError):
+    """The predictor failed with transient errors on every try."""
+
+    reason = "predictor_unavailable"
 
 
 @dataclass(frozen=True)
-class Predicted:
-    """Output of the predict stage."""
+class Outgoing:
+    """A record to publish on a logical topic, keyed by region."""
 
-    raster: Raster
-    output: TileOutput
-    prediction: TilePrediction
-    features: FeatureStats
+    topic: TopicName
+    key: str
+    record: Record
 
 
 @dataclass(frozen=True)
-class Observed:
-    """Output of the monitor + trigger stages."""
+class Outcome:
+    """What one message produced: records to publish, and the region's new state (None: leave it as it is)."""
 
-    update: MonitorUpdate
+    messages: tuple[Outgoing, ...] = ()
+    state: bytes | None = None
+
+    def records(self, topic: TopicName) -> list[Record]:
+        """The records of one topic."""
+        return [m.record for m in self.messages if m.topic == topic]
+
+    def of(self, kind: type[R]) -> list[R]:
+        """The records of one type (``outcome.of(ModelVersion)``)."""
+        return [m.record for m in self.messages if isinstance(m.record, kind)]
+
+
+@dataclass(frozen=True)
+class _Observed:
+    update: MonitorUpdate | None
     drift: DriftEvent | None
-    decision: TriggerDecision
     job: AdaptationJob | None
-
-
-@dataclass(frozen=True)
-class Adapted:
-    """Output of the adapt + gate + publish stages."""
-
-    version: ModelVersion
-    gate: GateResult
 
 
 @dataclass
 class Pipeline:
-    """Stage functions with every dependency injected."""
+    """Every stage, with every dependency injected (built from settings by ``stream.build``)."""
 
     registry: ModelRegistry
     predictor: Predictor
     deployer: Deployer
+    reader: TileReader
+    predictions: BlobStore | None = None
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     monitor_config: MonitorConfig = field(default_factory=MonitorConfig)
+    trigger_config: TriggerConfig = field(default_factory=TriggerConfig)
     spec: RasterSpec = field(default_factory=RasterSpec.flair)
     regions: frozenset[str] | None = None
-    predictions: BlobStore | None = None
-    metrics: ServiceMetrics | None = None
-    _calibration: dict[str, Any] | None = None
+    buffer_tiles: int = 16
+    predict_retries: int = 3
+    label_window: int = 50
+    topics: Topics = field(default_factory=lambda: Topics.with_prefix("terradapt."))
+    observer: PipelineObserver = field(default_factory=NullObserver)
+    sleep: Callable[[float], None] = time.sleep
 
-    # -- read ------------------------------------------------------------------------------------------------
-    def check_region(self, region: str) -> None:
-        """Refuse regions outside the configured set (when one is configured)."""
+    def __post_init__(self) -> None:
+        self.trigger = Trigger(self.trigger_config)
+
+    # == acquisitions =============================================================================================
+    def process(self, payload: bytes, key: str | None, state: bytes | None) -> Outcome:
+        """One acquisition through every stage; ``state`` is the stored state of the region ``key`` names."""
+        started = time.perf_counter()
+        acq: Acquisition | None = None
+        try:
+            acq = self._acquisition(payload, key)
+            with timed(self.observer, "read"):
+                raster = read_raster(self.reader.get(acq.href), self.spec)
+            prediction, output = self._predict(acq, raster)
+            region_state = self.load_state(state)
+            observed = self._observe(acq, prediction, output, region_state)
+        except TerradaptError as exc:
+            region = acq.region if acq is not None else None
+            return self._dead("acquisitions", "predict", exc, payload, key, region, started)
+        except Exception as exc:  # never lose a message to a bug: dead-letter it with the error
+            log.exception("unexpected error on acquisition %s", key)
+            return self._dead("acquisitions", "predict", exc, payload, key, None, started)
+        out = [
+            Outgoing("predictions", acq.region, prediction),
+            Outgoing("features", acq.region, output.features.to_record(acq.id, acq.region, output.version)),
+        ]
+        if observed.drift is not None and observed.update is not None and observed.update.newly_detected:
+            out.append(Outgoing("drift_events", acq.region, observed.drift))
+        if observed.job is not None:
+            out.append(Outgoing("adaptation_jobs", acq.region, observed.job))
+        self.observer.tile_done(acq.region, time.perf_counter() - started)
+        return Outcome(tuple(out), region_state.to_bytes())
+
+    def _acquisition(self, payload: bytes, key: str | None) -> Acquisition:
+        acq = Acquisition.from_stac(payload)
+        self._check_region(acq.region, key)
+        return acq
+
+    def _check_region(self, region: str, key: str | None) -> None:
         if self.regions is not None and region not in self.regions:
             raise UnknownRegionError(region, sorted(self.regions))
+        if key != region:
+            raise KeyMismatchError(key, region)
 
-    def read(self, acq: Acquisition, data: bytes | str) -> Raster:
-        """Validate region and raster (typed errors name the bad field)."""
-        t0 = time.perf_counter()
-        self.check_region(acq.region)
-        raster = self.read_data(data)
-        if self.metrics is not None:
-            self.metrics.observe_stage("read", time.perf_counter() - t0)
-        return raster
-
-    def rejected(self, acq_region: str | None, error: TerradaptError | str, started: float) -> None:
-        """Account for an acquisition that ends as a dead letter (metrics only; the runner publishes it)."""
-        if self.metrics is None:
-            return
-        reason = error if isinstance(error, str) else error.reason
-        self.metrics.observe_dead_letter(reason)
-        if acq_region is not None:
-            self.metrics.observe_tile(acq_region, time.perf_counter() - started, "dead_letter")
-
-    def done(self, region: str, started: float) -> None:
-        """Account for an acquisition that went through every stage."""
-        if self.metrics is not None:
-            self.metrics.observe_tile(region, time.perf_counter() - started, "ok")
-
-    def read_data(self, data: bytes | str) -> Raster:
-        """Read and validate a raster against the configured spec."""
-        return read_raster(data, self.spec)
-
-    # -- predict ---------------------------------------------------------------------------------------------
-    def predict(self, acq: Acquisition, raster: Raster) -> Predicted:
-        """Predict with the region's current model, store the prediction COG, build the records."""
-        t0 = time.perf_counter()
-        out = self.predictor.predict(acq.region, [raster.data.astype(np.uint8)])[0]
-        latency = time.perf_counter() - t0
-        href = None
-        if self.predictions is not None:
-            tags = {"acquisition_id": acq.id, "region": acq.region, "model_version": str(out.version)}
-            cog = write_cog(out.class_map, raster.crs, raster.transform, tags=tags)
-            href = self.predictions.put(f"{acq.region}/{acq.id}.tif", cog, "image/tiff")
-        f = out.features
+    def _predict(self, acq: Acquisition, raster: Raster) -> tuple[TilePrediction, TileOutput]:
+        """Predict with the region's current model (transient failures retried with backoff); store the COG."""
+        with timed(self.observer, "predict"):
+            t0 = time.perf_counter()
+            output = self._predict_with_retries(acq.region, raster)
+            latency = time.perf_counter() - t0
+            href = None
+            if self.predictions is not None:
+                tags = {"acquisition_id": acq.id, "region": acq.region, "model_version": str(output.version)}
+                cog = write_cog(output.class_map, raster.crs, raster.transform, tags=tags)
+                href = self.predictions.put(f"{acq.region}/{acq.id}.tif", cog, "image/tiff")
+        f = output.features
         prediction = TilePrediction(
             acquisition_id=acq.id,
             region=acq.region,
-            model_version=out.version,
+            model_version=output.version,
             href=href,
             class_shares=tuple(map(float, f.class_shares)),
             mean_entropy=f.mean_entropy,
             latency_s=latency,
         )
-        if self.metrics is not None:
-            self.metrics.observe_stage("predict", latency)
-            self.metrics.observe_prediction(acq.region, out.version, f.mean_confidence)
-        return Predicted(raster, out, prediction, feature_record(acq, f, out.version))
+        self.observer.predicted(prediction, f.mean_confidence)
+        return prediction, output
 
-    # -- monitor + trigger -----------------------------------------------------------------------------------
-    def calibration(self) -> dict[str, Any]:
-        """The source-calibrated monitor state every region starts from (stored beside the source model)."""
-        if self._calibration is None:
-            self._calibration = json.loads(self.registry.store.get(CALIBRATION_KEY))
-        return self._calibration
+    def _predict_with_retries(self, region: str, raster: Raster) -> TileOutput:
+        attempts = self.predict_retries + 1
+        for attempt in range(attempts):
+            try:
+                return self.predictor.predict(region, [raster.data.astype(np.uint8)])[0]
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                if attempt == attempts - 1:
+                    raise PredictorUnavailableError(f"prediction failed after {attempts} tries: {exc}") from exc
+                self.sleep(min(2.0**attempt * 0.5, 10.0))
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def new_monitor(self) -> RegionMonitor:
-        """A calibrated monitor for a region seen for the first time."""
-        monitor = RegionMonitor(self.monitor_config)
-        monitor.load_state_dict(self.calibration())
-        monitor.reset()
-        return monitor
-
-    def observe(
-        self,
-        acq: Acquisition,
-        features: FeatureStats,
-        monitor: RegionMonitor,
-        trigger: Trigger,
-        recent: Sequence[tuple[str, str]],
-    ) -> Observed:
+    def _observe(
+        self, acq: Acquisition, prediction: TilePrediction, output: TileOutput, state: RegionState
+    ) -> _Observed:
         """Update the region's monitor; turn a covariate-drift alarm into an adaptation job when due.
 
-        ``recent`` lists the region's buffered tiles as (acquisition id, object href): the job carries those that
-        arrived since the drift was detected (tiles from before the change would adapt the model to the old
-        distribution), and the trigger waits until there are enough of them.
+        A replayed acquisition (already among the region's recent tiles: at-least-once delivery after a crash)
+        is predicted again but not counted twice, so the decisions stay those of an uninterrupted stream. The job
+        carries the tiles that arrived since the drift was detected (tiles from before the change would adapt the
+        model to the old distribution), and the trigger waits until there are enough of them.
         """
-        t0 = time.perf_counter()
-        update = monitor.update(features_from_record(features), features.model_version)
-        if monitor.detected_at is not None:
-            recent = list(recent)[-(monitor.tiles_seen - monitor.detected_at + 1) :]
-        trigger.observe(acq.region)
-        drift = None
-        if update.fired:
-            signal = max(update.fired, key=lambda s: update.scores[s] / max(update.thresholds[s], 1e-12))
-            drift = DriftEvent(
-                region=acq.region,
-                acquisition_id=acq.id,
-                tiles_seen=monitor.tiles_seen,
-                signal=signal,
-                score=update.scores[signal],
-                threshold=update.thresholds[signal],
-                fired=update.fired,
+        with timed(self.observer, "observe"):
+            if state.seen(acq.id):
+                return _Observed(None, None, None)
+            update = state.monitor.update(output.features, output.version)
+            state.add_recent(RecentTile(acq.id, acq.href), self.buffer_tiles)
+            since = state.monitor.tiles_since_detection
+            tiles = list(state.recent)[-since:] if since else list(state.recent)
+            self.trigger.observe(state.trigger)
+            drift = None
+            if update.fired:
+                signal = max(update.fired, key=lambda s: update.scores[s] / max(update.thresholds[s], 1e-12))
+                drift = DriftEvent(
+                    region=acq.region,
+                    acquisition_id=acq.id,
+                    tiles_seen=state.monitor.tiles_seen,
+                    signal=signal,
+                    score=update.scores[signal],
+                    threshold=update.thresholds[signal],
+                    fired=update.fired,
+                    covariate=update.covariate_shift,
+                    scores=dict(update.scores),
+                )
+            decision = self.trigger.decide(
+                state.trigger,
+                drifted=update.newly_detected or bool(update.fired),
                 covariate=update.covariate_shift,
-                scores=dict(update.scores),
+                buffered=len(tiles),
+                adapted=output.version > 0,
             )
-        decision = trigger.decide(
-            acq.region,
-            drifted=update.newly_detected or bool(update.fired),
-            covariate=update.covariate_shift,
-            buffered=len(recent),
-            adapted=features.model_version > 0,
-        )
-        job = None
-        if decision.adapt and drift is not None:
-            job = AdaptationJob(
-                job_id=f"adapt-{acq.id}",
-                region=acq.region,
-                base_version=features.model_version,
-                method=self.adaptation.method_for(acq.region).method,
-                tile_ids=tuple(i for i, _ in recent),
-                tile_hrefs=tuple(h for _, h in recent),
-                trigger=drift,
-            )
-        if self.metrics is not None:
-            self.metrics.observe_stage("observe", time.perf_counter() - t0)
-            self.metrics.observe_drift(
-                acq.region, update.scores, update.thresholds, update.fired, newly_detected=update.newly_detected
-            )
-        return Observed(update, drift, decision, job)
+            job = None
+            if decision.adapt and drift is not None:
+                job = AdaptationJob(
+                    job_id=f"adapt-{acq.id}",
+                    region=acq.region,
+                    base_version=output.version,
+                    method=self.adaptation.method_for(acq.region).method,
+                    tile_ids=tuple(t.acquisition_id for t in tiles),
+                    tile_hrefs=tuple(t.href for t in tiles),
+                    trigger=drift,
+                )
+        self.observer.monitored(prediction, update)
+        return _Observed(update, drift, job)
 
-    # -- adapt + gate + publish ------------------------------------------------------------------------------
-    def label_shift(self, source_outputs: Sequence[TileOutput]) -> tuple[float, ...] | None:
-        """BBSE estimate of the region's class mix from the source model's predictions on the job's tiles.
+    # == region state ==============================================================================================
+    @functools.cached_property
+    def calibration(self) -> CalibrationData:
+        """The source model's calibration data (read once from the registry).
 
-        Uses the source confusion matrix stored with the calibration (``None`` when it was calibrated without
-        labels). The estimate is the gate's reference class mix; the gate decides whether to trust it.
+        Raises:
+            CalibrationError: It was computed with other weights than the registry's source model.
+
         """
-        stored = self.calibration().get("label_shift")
-        if not stored or not source_outputs:
-            return None
-        shares = np.mean([o.features.class_shares for o in source_outputs], axis=0)
-        return BBSE(np.asarray(stored["confusion"], dtype=np.float64)).estimate(shares).as_tuple()
+        data = self.registry.calibration()
+        sha = self.registry.manifest(SOURCE, 0).sha256
+        if data.model_sha256 and data.model_sha256 != sha:
+            raise CalibrationError(
+                f"calibration was computed with source weights {data.model_sha256[:12]}..., the registry's source "
+                f"model is {sha[:12]}...: run `terradapt registry-init` again"
+            )
+        return data
 
-    def shifted_from_source(self, source_outputs: Sequence[TileOutput]) -> bool:
-        """Whether the job's tiles, seen by the source model, show covariate shift against the source calibration.
+    @functools.cached_property
+    def _monitor_template(self) -> RegionMonitor:
+        return RegionMonitor.from_calibration(self.monitor_config, self.calibration)
 
-        A region on an adapted version raises a new alarm when its data moves away from what that version was
-        adapted to; if the tiles now look like source data (no covariate evidence against the source-calibrated
-        monitor), the right model is the source model again, not a further adaptation.
+    def new_monitor(self) -> RegionMonitor:
+        """A monitor of this pipeline's settings, calibrated on the stored calibration data, with an empty stream."""
+        return self._monitor_template.fresh()
+
+    def load_state(self, data: bytes | None) -> RegionState:
+        """A region's state from its stored bytes (a fresh one for a region seen for the first time)."""
+        if data is not None:
+            try:
+                return RegionState.from_bytes(data, self.new_monitor(), self.buffer_tiles)
+            except (ValueError, KeyError, TypeError) as exc:  # a stuck region is worse than a fresh monitor
+                log.error("stored region state unreadable (%s): starting the region afresh", exc)
+        return RegionState(self.new_monitor())
+
+    # == adaptation jobs ===========================================================================================
+    def run_job(self, payload: bytes, key: str | None) -> Outcome:
+        """One adaptation job: adapt (or go back to source), gate, publish, roll out with the same gate inputs.
+
+        Idempotent: a job that already published its version (a redelivery after a crash) republishes that
+        version and, when the crash came before the rollout, rolls it out now. A job whose base version is no
+        longer the region's current one is stale (another job adapted the region since) and does nothing.
         """
-        monitor = self.new_monitor()
-        updates = [monitor.update(o.features, 0) for o in source_outputs]
-        if not any(any(u.scores.values()) for u in updates):
-            return True  # fewer tiles than one test window: no evidence either way, keep adapting
-        return any(u.covariate_shift for u in updates)
-
-    def adapt(self, job: AdaptationJob, tiles: Sequence[BufferedTile]) -> Adapted:
-        """Adapt the job's base version on ``tiles``, gate it, publish it (rejected versions are kept, flagged)."""
-        t0 = time.perf_counter()
+        started = time.perf_counter()
+        region: str | None = None
         try:
-            source_outputs = self.predictor.predict(job.region, [t.image for t in tiles], version=0)
-            if job.label_shift is None:
-                job = job.model_copy(update={"label_shift": self.label_shift(source_outputs)})
-            # every version is the source model adapted once on the region's recent tiles: no compounding of
-            # adaptations, and a region whose shift went away goes back to the source weights
-            source, manifest = self.registry.load(job.region, 0)
-            if job.base_version != 0 and not self.shifted_from_source(source_outputs):
-                outcome = reset_to_source(job, source, manifest, tiles)
-            else:
-                current = None if job.base_version == 0 else self.registry.load(job.region, job.base_version)[0]
-                outcome = run_adaptation(job, source, manifest, tiles, self.adaptation, current=current)
-            version = self.registry.publish(outcome.weights, outcome.manifest)
-        except Exception:
-            if self.metrics is not None:
-                self.metrics.observe_adaptation(job.region, job.method, "failed", time.perf_counter() - t0)
-            raise
-        if self.metrics is not None:
-            elapsed = time.perf_counter() - t0
-            if outcome.gate.accepted:
-                self.metrics.observe_adaptation(job.region, outcome.manifest.method, "accepted", elapsed)
-            else:
-                self.metrics.observe_adaptation(job.region, outcome.manifest.method, "rejected", elapsed)
-        return Adapted(version, outcome.gate)
+            job = parse_record(AdaptationJob, payload)
+            region = job.region
+            self._check_region(job.region, key)
+            return self._run_job(job, payload, started)
+        except TerradaptError as exc:
+            return self._dead("adaptation_jobs", "adapt", exc, payload, key, region, started)
+        except Exception as exc:  # a failing job must not crash-loop the worker
+            log.exception("adaptation job failed")
+            if region is not None:
+                self.observer.adapted(region, self.adaptation.method_for(region).method, "failed", 0.0)
+            return self._dead("adaptation_jobs", "adapt", exc, payload, key, region, started, "adaptation_failed")
 
-    def deploy(self, version: ModelVersion) -> RolloutEvent | None:
-        """Roll an accepted version out; rejected versions are never deployed."""
-        if not version.accepted:
-            return None
-        event = self.deployer.rollout(version.region, version.version)
-        if self.metrics is not None:
-            self.metrics.observe_rollout(event)
-        return event
+    def _run_job(self, job: AdaptationJob, payload: bytes, started: float) -> Outcome:
+        current = self.registry.current(job.region)
+        done = self.registry.find_job(job.region, job.job_id)
+        if done is None and job.base_version != current:
+            log.info("job %s is stale: base v%s, region now serves v%s", job.job_id, job.base_version, current)
+            return Outcome()
+        tiles = self._job_tiles(job)
+        if not tiles:
+            return self._dead(
+                "adaptation_jobs",
+                "adapt",
+                "no readable tile for the job",
+                payload,
+                job.region,
+                job.region,
+                started,
+                "no_tiles",
+            )
+        source, manifest = self.registry.load(job.region, 0)
+        confusion = self.calibration.confusion_matrix()
+        if done is not None:
+            log.info("job %s already published v%s", job.job_id, done.version)
+            out: list[Outgoing] = [Outgoing("model_versions", job.region, done)]
+            if done.accepted and current == job.base_version and done.version != current:
+                context = gate_context(job, tiles, source, manifest, confusion, self.adaptation.device)
+                out += self._deploy(done, RolloutContext(tiles, context))
+            return Outcome(tuple(out))
+        log.info("adapting %s on %d tiles", job.region, len(tiles))
+        model = None if job.base_version == 0 else self.registry.load(job.region, job.base_version)[0]
+        outcome = adapt_or_reset(
+            job,
+            tiles,
+            source,
+            manifest,
+            self.adaptation,
+            new_monitor=self.new_monitor,
+            confusion=confusion,
+            current=model,
+        )
+        version = self.registry.publish(outcome.weights, outcome.manifest)
+        elapsed = time.perf_counter() - started
+        self.observer.adapted(job.region, version.method, "accepted" if version.accepted else "rejected", elapsed)
+        out = [Outgoing("model_versions", job.region, version)]
+        if version.accepted:
+            out += self._deploy(version, RolloutContext(tiles, outcome.context))
+        return Outcome(tuple(out))
+
+    def _job_tiles(self, job: AdaptationJob) -> list[BufferedTile]:
+        """The job's tiles read back from object storage; unreadable ones (expired, corrupt) are skipped."""
+        tiles = []
+        for tile_id, href in zip(job.tile_ids, job.tile_hrefs, strict=False):
+            try:
+                raster = read_raster(self.reader.get(href), self.spec)
+            except TerradaptError as exc:
+                log.warning("job %s: tile %s unusable (%s)", job.job_id, tile_id, exc)
+                continue
+            tiles.append(BufferedTile(tile_id, raster.data.astype(np.uint8), href=href))
+        return tiles
+
+    def _deploy(self, version: ModelVersion, context: RolloutContext) -> list[Outgoing]:
+        event = self.deployer.rollout(version.region, version.version, context)
+        self.observer.rolled_out(event)
+        return [Outgoing("rollouts", version.region, event)]
+
+    # == delayed labels ============================================================================================
+    @functools.cached_property
+    def num_classes(self) -> int:
+        """Classes of the source model (every version has the same)."""
+        return len(self.registry.manifest(SOURCE, 0).classes)
+
+    def process_label(self, payload: bytes, key: str | None, state: bytes | None) -> Outcome:
+        """Join one delayed label with the stored prediction of its acquisition; ``state`` is the region's tracker.
+
+        The prediction COG carries the model version that made it (its tags), so the join needs no memory of the
+        prediction: a label may arrive after restarts and rollouts.
+        """
+        started = time.perf_counter()
+        try:
+            label = parse_record(LabelRecord, payload)
+            self._check_region(label.region, key)
+            if self.predictions is None:
+                raise InvalidPayloadError("this pipeline stores no predictions: delayed labels cannot be joined")
+            mask = read_raster(self.reader.get(label.href), MASK_SPEC).data[0].astype(np.uint8)
+            if label.encoding == "flair19":
+                mask = flair_to_13(mask)
+            class_map, tags = read_prediction(self.predictions.get(f"{label.region}/{label.acquisition_id}.tif"))
+            tracker = DelayedLabelTracker(self.num_classes, self.label_window)
+            if state is not None:
+                tracker.load_state_dict(_json(state))
+            version = int(tags.get("model_version", "-1"))
+            tracker.record_prediction(label.acquisition_id, label.region, version, class_map=class_map)
+            join = tracker.add_label(label.acquisition_id, mask)
+        except TerradaptError as exc:
+            return self._dead("labels", "labels", exc, payload, key, None, started)
+        except Exception as exc:
+            log.exception("unexpected error on label %s", key)
+            return self._dead("labels", "labels", exc, payload, key, None, started)
+        self.observer.labelled(label.region, join)
+        new_state = _dumps(tracker.state_dict())
+        if join.outcome == "invalid":
+            letter = self._letter("labels", "labels", "invalid_tile", join.detail, payload, key)
+            self.observer.dead_letter(letter, None, time.perf_counter() - started)
+            return Outcome((Outgoing("deadletter", key or "unknown", letter),), new_state)
+        return Outcome((), new_state)
+
+    # == dead letters ==============================================================================================
+    def _letter(
+        self, topic: TopicName, stage: Stage, reason: str, error: str, payload: bytes, key: str | None
+    ) -> DeadLetter:
+        return DeadLetter(
+            topic=self.topics.name(topic),
+            reason=reason,
+            error=error,
+            payload=payload.decode("utf-8", errors="replace"),
+            key=key,
+            stage=stage,
+        )
+
+    def _dead(
+        self,
+        topic: TopicName,
+        stage: Stage,
+        error: Exception | str,
+        payload: bytes,
+        key: str | None,
+        region: str | None,
+        started: float,
+        reason: str | None = None,
+    ) -> Outcome:
+        """The one way a dead letter is made: original payload, reason, error text; counted by the observer."""
+        if reason is None:
+            reason = error.reason if isinstance(error, TerradaptError) else "internal_error"
+        text = error if isinstance(error, str) else (str(error) if isinstance(error, TerradaptError) else repr(error))
+        letter = self._letter(topic, stage, reason, text, payload, key)
+        valid_region = region if region is not None and (self.regions is None or region in self.regions) else None
+        self.observer.dead_letter(letter, valid_region, time.perf_counter() - started)
+        return Outcome((Outgoing("deadletter", key or "unknown", letter),))
 
 
-def calibrate_monitor(
-    predictor: Predictor,
-    images: Sequence[npt.NDArray[np.uint8]],
-    config: MonitorConfig,
-    seed: int = 0,
-    masks: Sequence[npt.NDArray[np.uint8]] | None = None,
-) -> dict[str, Any]:
-    """Calibrate a monitor on held-out source tiles predicted by the source model; return its state.
+def _json(data: bytes) -> dict[str, object]:
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise InvalidPayloadError("stored label state is not a JSON object")
+    return value
 
-    With ``masks`` (labels of the same tiles), the state also carries the source model's pixel confusion matrix
-    under ``label_shift.confusion`` (``[pred, true]`` counts): what BBSE needs to estimate a region's class mix.
-    """
-    outs = predictor.predict("source", list(images), version=0)
-    feats = [o.features for o in outs]
-    half = len(feats) // 2
-    monitor = RegionMonitor(config)
-    monitor.calibrate(feats[:half], feats[half:], seed=seed)
-    state = monitor.state_dict()
-    if masks is not None:
-        if len(masks) != len(outs):
-            raise ValueError(f"{len(masks)} masks for {len(outs)} calibration tiles")
-        k = feats[0].class_shares.shape[0]
-        cm = sum(confusion_matrix(o.class_map, m, k, IGNORE_INDEX) for o, m in zip(outs, masks, strict=True))
-        state["label_shift"] = {"confusion": np.asarray(cm).T.tolist()}  # truth rows -> [pred, true]
-    return state
+
+def _dumps(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

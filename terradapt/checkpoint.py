@@ -39,6 +39,7 @@ class ModelManifest(BaseModel):
     parent: int | None = None
     method: str = "source"
     training_regions: tuple[str, ...] = ()
+    training_tiles: tuple[str, ...] = ()  # ids of the tiles the source model trained on (calibration must avoid them)
     class_prior: tuple[float, ...] = ()  # source pixel share of every class (the gate's default reference)
     metrics: dict[str, float] = Field(default_factory=dict)
     gate_accepted: bool = True

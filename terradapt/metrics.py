@@ -1,9 +1,14 @@
-"""Segmentation metrics (confusion matrix, per-class IoU, mIoU) with an ignore index."""
+"""Metrics every layer shares, defined once: confusion matrix, IoU, mIoU, per-pixel entropy, total variation."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:  # only the type: importing this module must not pull torch in (``import monitoring`` stays light)
+    import torch
 
 
 def confusion_matrix(
@@ -30,3 +35,18 @@ def miou(cm: npt.NDArray[np.int64]) -> float:
     ious = iou_per_class(cm)
     present = ~np.isnan(ious)
     return float(ious[present].mean()) if present.any() else 0.0
+
+
+def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of the softmax over dim 1, per pixel: (N, K, H, W) -> (N, H, W), (N, K) -> (N,).
+
+    Computed from ``log_softmax`` (no ``log(0)``), so it is exact for confident pixels too. The drift features,
+    the gate and the entropy-minimisation adapters all use this one definition.
+    """
+    log_p = logits.log_softmax(dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def total_variation(p: npt.ArrayLike, q: npt.ArrayLike) -> float:
+    """Total-variation distance between two class distributions (half the L1 distance)."""
+    return 0.5 * float(np.abs(np.asarray(p, dtype=np.float64) - np.asarray(q, dtype=np.float64)).sum())

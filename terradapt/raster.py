@@ -432,3 +432,17 @@ def stitch(
         weight_sum[rows, cols] += local
     total /= np.maximum(weight_sum, np.float32(1e-12))
     return total
+
+
+def read_prediction(data: bytes) -> tuple[npt.NDArray[np.uint8], dict[str, str]]:
+    """The class map and tags of a prediction COG written by ``write_cog``.
+
+    Raises:
+        CorruptTileError: The bytes are not a readable GeoTIFF.
+
+    """
+    try:
+        with MemoryFile(data) as mem, mem.open() as src:
+            return src.read(1).astype(np.uint8), dict(src.tags())
+    except RasterioError as exc:
+        raise CorruptTileError(str(exc)) from exc

@@ -42,8 +42,26 @@ class S3Config(StrictModel):
     bucket_models: str = "terradapt-models"
 
 
+class RolloutConfig(StrictModel):
+    """How the TorchServe deployer checks and keeps versions (the gate thresholds are ``adaptation.gate``)."""
+
+    shadow_tiles: int = Field(default=16, ge=1, description="most recent job tiles compared in the shadow step")
+    min_shadow_tiles: int = Field(
+        default=1, ge=1, description="fewer job tiles than this: the candidate is refused (fail closed)"
+    )
+    post_check_tiles: int = Field(
+        default=2, ge=0, description="tiles re-predicted on the default URL after set-default"
+    )
+    keep_versions: int = Field(
+        default=3, ge=2, description="versions kept registered per region; source, current, previous always kept"
+    )
+    prune_registry: bool = Field(default=False, description="also delete pruned versions' weights from the registry")
+    register_timeout_s: float = Field(default=180.0, gt=0)
+    initial_workers: int = Field(default=1, ge=1)
+
+
 class TorchServeConfig(StrictModel):
-    """TorchServe addresses and auth."""
+    """TorchServe addresses, auth and rollout policy."""
 
     inference_url: str = "http://127.0.0.1:18080"
     management_url: str = "http://127.0.0.1:18081"
@@ -52,6 +70,7 @@ class TorchServeConfig(StrictModel):
     model_store: Path | None = Field(default=None, description="TorchServe's model store (archives written there)")
     timeout_s: float = 30.0
     retries: int = Field(default=3, ge=0)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
 
 class RuntimeConfig(StrictModel):

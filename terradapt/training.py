@@ -133,9 +133,13 @@ def train_source_checkpoint(
     classes: tuple[str, ...],
     bands: tuple[str, ...],
     regions: tuple[str, ...],
+    tile_ids: Sequence[str] = (),
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[UNet, ModelManifest]:
-    """Train the source model and describe it (classes, bands, training regions, source class prior)."""
+    """Train the source model and describe it (classes, bands, training regions and tiles, source class prior).
+
+    ``tile_ids`` name the training tiles in the manifest, so a calibration on any of them can be refused.
+    """
     model = train_source_model(images, masks, model_config, config, progress)
     prior = class_band_means(images, masks, model_config.num_classes)[1]
     manifest = ModelManifest(
@@ -143,6 +147,7 @@ def train_source_checkpoint(
         classes=classes,
         bands=bands,
         training_regions=regions,
+        training_tiles=tuple(tile_ids),
         class_prior=tuple(float(v) for v in prior),
         metrics={"train_steps": float(config.steps)},
     )

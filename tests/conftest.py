@@ -11,7 +11,7 @@ import pytest
 @pytest.fixture
 def processes():
     """Processes started by the test, stopped at the end whatever happens (by their own pid)."""
-    started: list[subprocess.Popen] = []
+    started: list[subprocess.Popen[bytes]] = []
     yield started
     for proc in reversed(started):
         if proc.poll() is None:

@@ -1,37 +1,12 @@
-"""Topic layout: one topic per record type, keyed by region so one partition sees a region's records in order."""
+"""Create the topics of ``stream.topics.Topics`` on the broker, before any worker starts."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass, fields
 
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from stream.topics import Topics
 from terradapt.settings import KafkaConfig
-
-
-@dataclass(frozen=True)
-class Topics:
-    """Names of the topics under a prefix (``terradapt.`` by default)."""
-
-    acquisitions: str
-    predictions: str
-    features: str
-    drift_events: str
-    adaptation_jobs: str
-    model_versions: str
-    rollouts: str
-    labels: str
-    deadletter: str
-
-    @classmethod
-    def with_prefix(cls, prefix: str) -> Topics:
-        """Every topic named ``<prefix><record-name>``."""
-        return cls(**{f.name: prefix + f.name.replace("_", "-") for f in fields(cls)})
-
-    def all(self) -> list[str]:
-        """Every topic name."""
-        return [getattr(self, f.name) for f in fields(self)]
 
 
 def ensure_topics(config: KafkaConfig, topics: Topics) -> list[str]:

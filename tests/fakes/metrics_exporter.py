@@ -40,40 +40,56 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 24) -> dict[str, Any]:
     """Run the tiny embedded demo with ``metrics`` wired into its pipeline; return a summary of what happened."""
-    import stream.demo as demo
+    from serving.store import FileSystemStore
+    from stream.build import embedded_runner
+    from stream.config import Settings
+    from stream.demo import demo_settings, fresh_registry
     from stream.embedded import StreamItem
+    from stream.observer import MetricsObserver
+    from stream.scenarios import acquisitions, scenario, source_model
 
-    original_acquisitions = demo._acquisitions
+    settings = Settings.model_validate(
+        {
+            "demo": {
+                "tile_size": 64,
+                "train_tiles": 4,
+                "calibration_tiles": 64,
+                "stream_tiles": stream_tiles,
+                "eval_tiles": 2,
+                "train_steps": 10,
+                "base_channels": 4,
+                "workdir": root / "work",
+                "cache_dir": root / "cache",
+                "report_dir": root / "report",
+            },
+            "trigger": {"min_tiles": 6},  # adapt early (6 tiles after detection): the adapted version gets labels too
+            "runtime": {"device": "cpu"},
+            "adaptation": {"device": "cpu"},
+        }
+    )
+    sc = scenario(settings.demo)
+    model, manifest, _ = source_model(settings.demo, sc, device="cpu")
+    settings = demo_settings(settings, sc)
+    registry = fresh_registry(settings, sc, model, manifest)
+    runner = embedded_runner(
+        settings,
+        registry,
+        FileSystemStore(root / "work" / "predictions"),
+        spec=sc.spec,
+        observer=MetricsObserver(metrics),
+    )
 
-    def acquisitions(streams: Any, bands: Any) -> Iterator[StreamItem]:
+    def items() -> Iterator[StreamItem]:
         last: StreamItem | None = None
-        for item in original_acquisitions(streams, bands):
+        for item in acquisitions(sc.streams, sc.bands):
             last = item
             yield item
         if last is not None:  # one corrupt GeoTIFF: exercises the dead-letter path of the real runner
             bad = last.acquisition.model_copy(update={"id": last.acquisition.id + "-corrupt"})
             yield StreamItem(bad, b"II*\x00 truncated", None)
 
-    demo._acquisitions = acquisitions
-    try:
-        cfg = demo.DemoConfig(
-            tile_size=64,
-            train_tiles=4,
-            calibration_tiles=16,
-            stream_tiles=stream_tiles,
-            eval_tiles=2,
-            train_steps=10,
-            base_channels=4,
-            trigger={"min_tiles": 6},  # adapt early (6 tiles after detection): the adapted version gets labels too
-            workdir=root / "work",
-            cache_dir=root / "cache",
-            report_dir=root / "report",
-        )
-        result = demo.run_demo(cfg, metrics=metrics)
-    finally:
-        demo._acquisitions = original_acquisitions
-    write_state(dashboard_state(result.run, rows=result.rows, title="terradapt test run"), root / "state.json")
-    run_ = result.run
+    run_ = runner.run(items())
+    write_state(dashboard_state(run_, registry, title="terradapt test run"), root / "state.json")
     joined = sum(
         s.value
         for fam in metrics.registry.collect()
@@ -85,7 +101,7 @@ def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 24) -> dict[
         "tiles": len(run_.tiles),
         "tiles_by_region": {r: sum(t.region == r for t in run_.tiles) for r in {t.region for t in run_.tiles}},
         "drift_events": len(run_.drift_events),
-        "adaptations": [(a.version.region, a.version.method, a.gate.accepted) for a in run_.adaptations],
+        "adaptations": [(v.region, v.method, v.accepted) for v in run_.adaptations],
         "rollouts": [(e.region, e.version, e.step.value) for e in run_.rollouts],
         "dead_letters": [d.reason for d in run_.dead_letters],
         "joined": int(joined),

@@ -1,0 +1,78 @@
+"""Bootstrap a registry: publish the source model and its calibration data (``terradapt registry-init``, demo, bench).
+
+Calibration runs the source model on *held-out* source tiles and keeps what it saw (``monitoring.calibration``):
+their features, their ids, and with labels the source confusion matrix that label-shift estimates need. The
+registry refuses a calibration that overlaps the source model's training tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from monitoring.calibration import CalibrationData
+from serving.predictor import InProcessPredictor, Predictor
+from serving.registry import SOURCE, ModelRegistry
+from terradapt.checkpoint import ModelManifest
+from terradapt.classes import IGNORE_INDEX
+from terradapt.metrics import confusion_matrix
+from terradapt.records import ModelVersion
+
+
+def calibrate(
+    predictor: Predictor,
+    images: Sequence[npt.NDArray[np.uint8]],
+    *,
+    tile_ids: Sequence[str] = (),
+    masks: Sequence[npt.NDArray[np.uint8]] | None = None,
+    seed: int = 0,
+    model_sha256: str = "",
+) -> CalibrationData:
+    """The calibration data of held-out source tiles, predicted by the source model (version 0).
+
+    With ``masks`` (labels of the same tiles), it also holds the source model's pixel confusion matrix
+    ``[pred, true]``: what BBSE needs to estimate a region's class mix.
+    """
+    outs = predictor.predict(SOURCE, list(images), version=0)
+    confusion = None
+    if masks is not None:
+        if len(masks) != len(outs):
+            raise ValueError(f"{len(masks)} masks for {len(outs)} calibration tiles")
+        k = outs[0].features.class_shares.shape[0]
+        cm = sum(confusion_matrix(o.class_map, m, k, IGNORE_INDEX) for o, m in zip(outs, masks, strict=True))
+        confusion = np.asarray(cm).T  # truth rows -> [pred, true]
+    return CalibrationData.from_features(
+        [o.features for o in outs], tile_ids=tile_ids, seed=seed, model_sha256=model_sha256, confusion=confusion
+    )
+
+
+def bootstrap_registry(
+    registry: ModelRegistry,
+    weights: bytes,
+    manifest: ModelManifest,
+    images: Sequence[npt.NDArray[np.uint8]],
+    *,
+    tile_ids: Sequence[str] = (),
+    masks: Sequence[npt.NDArray[np.uint8]] | None = None,
+    seed: int = 0,
+    device: str = "auto",
+) -> tuple[ModelVersion, CalibrationData]:
+    """Publish the source model, calibrate it on held-out source ``images``, publish the calibration.
+
+    Raises:
+        ValueError: A calibration tile is one the source model trained on (its manifest lists them).
+
+    """
+    version = registry.publish_source(weights, manifest)
+    data = calibrate(
+        InProcessPredictor(registry, device=device),
+        images,
+        tile_ids=tile_ids,
+        masks=masks,
+        seed=seed,
+        model_sha256=version.sha256,
+    )
+    registry.publish_calibration(data)
+    return version, data
