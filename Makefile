@@ -75,6 +75,7 @@ bench: install bench-extras
 	$(PY) bench/serving.py
 	$(PY) bench/drift.py
 	$(PY) bench/adaptation.py
+	$(PY) bench/selection.py
 
 clean:
 	rm -rf .terradapt report .pytest_cache .mypy_cache .ruff_cache

@@ -37,7 +37,12 @@ class Adapter(ABC):
     source_replay: ClassVar[Literal["none", "optional", "required"]] = "none"
 
     def __init__(
-        self, model: UNet, config: AdapterConfig | None = None, *, source_tiles: torch.Tensor | None = None
+        self,
+        model: UNet,
+        config: AdapterConfig | None = None,
+        *,
+        source_tiles: torch.Tensor | None = None,
+        class_prior: torch.Tensor | None = None,
     ) -> None:
         if source_tiles is not None and self.source_replay == "none":
             raise ValueError(f"method {self.name!r} does not replay source tiles; source_tiles must be None")
@@ -46,6 +51,11 @@ class Adapter(ABC):
                 f"method {self.name!r} replays source tiles: pass source_tiles=(N, C, H, W) tensor, N >= 1"
             )
         self.source_tiles = source_tiles
+        k = model.config.num_classes
+        #: the source class mix (``ModelManifest.class_prior``; uniform when unknown): data, like source tiles
+        self.class_prior = (
+            torch.full((k,), 1.0 / k) if class_prior is None else (class_prior / class_prior.sum()).float().cpu()
+        )
         self.config = config or self.config_class()
         self.source_state = copy.deepcopy(model.state_dict())
         self.model = copy.deepcopy(model)

@@ -79,12 +79,6 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
             m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
 
 
-def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Per-pixel entropy (N, H, W) of logits (N, K, H, W)."""
-    log_p = logits.log_softmax(dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1)
-
-
 def flip_averaged_probs(model: UNet, batch: torch.Tensor) -> torch.Tensor:
     """Softmax averaged over identity, horizontal and vertical flips (each flipped back): stabler pseudo-labels."""
     probs = model(batch).softmax(dim=1)

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import Field
 
+from adapters.fewshot import FewShotConfig
 from adapters.gate import GateConfig
 from adapters.registry import adapter_class, available_adapters
 from terradapt.settings import StrictModel
@@ -45,7 +46,7 @@ class RegionMethod(StrictModel):
 class AdaptationConfig(StrictModel):
     """Which method adapts (by default, and per region), on how much data, and the gate it must pass."""
 
-    method: str = "bn"
+    method: str = "bn-balanced"
     method_config: dict[str, Any] = Field(default_factory=dict)
     per_region: dict[str, RegionMethod] = Field(
         default_factory=dict, description='e.g. {"D013": {"method": "tent"}}: overrides method and method_config'
@@ -58,10 +59,15 @@ class AdaptationConfig(StrictModel):
         default=None,
         description="reset the adapter to source inside a job on a sustained class-drift signal (None = off)",
     )
+    few_shot: FewShotConfig = Field(default_factory=FewShotConfig)
 
     def model_post_init(self, _: Any) -> None:
         """Reject unknown methods (listing the valid ones) and method configs they do not accept."""
         _known_method(self.method, self.method_config)
+
+    def methods(self) -> tuple[str, ...]:
+        """Every method this config may adapt with (the default, then per-region ones): what selection calibrates."""
+        return tuple(dict.fromkeys([self.method, *(m.method for m in self.per_region.values())]))
 
     def method_for(self, region: str) -> RegionMethod:
         """The method (and its config) a region adapts with."""

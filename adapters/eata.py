@@ -23,9 +23,9 @@ from adapters.base import AdapterConfig
 from adapters.common import (
     PooledBNStats,
     configure_bn_training,
-    pixel_entropy,
 )
 from adapters.pooled import PooledBNAdapter
+from terradapt.metrics import pixel_entropy
 from terradapt.model import UNet
 
 

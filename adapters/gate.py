@@ -17,7 +17,13 @@ Checks, each with the reason recorded when it fails:
   agreement checks; the estimate never rejects on its own: measured on the synthetic departements
   (bench/adaptation.py), rejecting candidates that moved away from it also rejected the repairs of
   covariate-shifted regions, whose source predictions bias it;
-* labelled mIoU - when labelled tiles exist, the candidate must not be worse than the current model.
+* labelled mIoU - when labelled tiles exist, the candidate must not be worse than the current model;
+* **label-free selection** (``adapters.selection``) - when the context carries a fitted ``Selector`` (the
+  calibration held selection domains), the candidate ships only when its estimated mIoU change clears the
+  calibrated margin, and the class-mix jump / agreement heuristics above are *not* applied: measured on the
+  tuning set they refused repairs and shipped damage alike, while the estimator is calibrated for exactly that
+  decision (``use_heuristics`` brings them back on top). Without a selector (calibration without labels) the
+  heuristics decide, as before.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import numpy.typing as npt
 import torch
 from pydantic import Field
 
+from adapters.selection import SelectionConfig, Selector, VersionOutputs, selection_features
 from terradapt.classes import IGNORE_INDEX
 from terradapt.metrics import confusion_matrix, miou, pixel_entropy, total_variation
 from terradapt.model import UNet
@@ -47,6 +54,10 @@ class GateConfig(StrictModel):
     broken_tv: float = Field(
         default=0.5, ge=0.0, le=1.0, description="current class mix this far (TV) from the source prior = broken"
     )
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
+    use_heuristics: bool = Field(
+        default=False, description="also apply the class-mix jump / agreement checks when a selector decides"
+    )
 
 
 @dataclass(frozen=True)
@@ -60,12 +71,16 @@ class GateContext:
         label_shift: The job's BBSE estimate of the region's class mix (``AdaptationJob.label_shift``).
         prior: The source class mix (``ModelManifest.class_prior``).
         covariate: Whether the monitor's evidence is covariate shift (``DriftEvent.covariate``).
+        selector: The label-free estimator fitted from the calibration's selection domains (None: heuristics).
+        method: The adaptation method of the candidate (the selector has one estimator per method).
 
     """
 
     label_shift: tuple[float, ...] | None = None
     prior: tuple[float, ...] | None = None
     covariate: bool = False
+    selector: Selector | None = None
+    method: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,15 +93,16 @@ class GateResult:
 
 
 @torch.no_grad()
-def _predict(model: UNet, tiles: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class maps and per-tile mean entropies."""
+def _predict(model: UNet, tiles: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class maps, per-tile mean entropies and mean confidences."""
     model.eval()
-    maps, ents = [], []
+    maps, ents, confs = [], [], []
     for i in range(0, tiles.shape[0], batch):
         logits = model(tiles[i : i + batch])
         ents.append(pixel_entropy(logits).mean(dim=(1, 2)))
+        confs.append(logits.softmax(dim=1).max(dim=1).values.mean(dim=(1, 2)))
         maps.append(logits.argmax(dim=1))
-    return torch.cat(maps), torch.cat(ents)
+    return torch.cat(maps), torch.cat(ents), torch.cat(confs)
 
 
 def judge(
@@ -98,8 +114,11 @@ def judge(
     config: GateConfig,
     context: GateContext | None = None,
     masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
+    *,
+    candidate_confidence: Sequence[float] | None = None,
+    current_confidence: Sequence[float] | None = None,
 ) -> GateResult:
-    """The gate's decision from two versions' class maps and per-tile entropies on the same tiles.
+    """The gate's decision from two versions' class maps and per-tile entropies (and confidences) on the same tiles.
 
     ``context.label_shift`` (the reference) is a label-shift estimate of the region's class mix (trusted unless
     farther than ``broken_tv`` from ``context.prior``, the source class mix). A big change (class-mix jump, low
@@ -154,11 +173,29 @@ def judge(
             (m["tv_current_to_prior"] > config.broken_tv or covariate)
             and m["tv_candidate_to_prior"] < m["tv_current_to_prior"]
         )
+    selected = ctx.selector is not None and candidate_confidence is not None and current_confidence is not None
+    if selected and ctx.selector is not None and candidate_confidence is not None and current_confidence is not None:
+        feats = selection_features(
+            VersionOutputs(candidate_maps, candidate_confidence, candidate_entropy),
+            VersionOutputs(current_maps, current_confidence, current_entropy),
+            num_classes,
+            reference,
+            prior,
+        )
+        estimate = ctx.selector.estimate(ctx.method, feats)
+        m |= {f"selection_{k}": v for k, v in feats.items()}
+        m["estimated_gain"], m["estimate_margin"] = estimate.gain, estimate.margin
+        if not estimate.ships:
+            reasons.append(
+                f"estimated mIoU change {100 * estimate.gain:+.1f} "
+                f"does not clear the margin {100 * estimate.margin:+.1f}"
+            )
     # a big change is a repair, not a risk, when it brings the class mix toward the reference mix
-    if m["class_tv"] > config.max_class_tv and not toward_reference:
-        reasons.append(f"class distribution jump: TV {m['class_tv']:.3f} > {config.max_class_tv}")
-    if m["agreement"] < config.min_agreement and not toward_reference:
-        reasons.append(f"low agreement with current model: {m['agreement']:.2f} < {config.min_agreement}")
+    if not selected or config.use_heuristics:
+        if m["class_tv"] > config.max_class_tv and not toward_reference:
+            reasons.append(f"class distribution jump: TV {m['class_tv']:.3f} > {config.max_class_tv}")
+        if m["agreement"] < config.min_agreement and not toward_reference:
+            reasons.append(f"low agreement with current model: {m['agreement']:.2f} < {config.min_agreement}")
     labelled = [i for i, mk in enumerate(masks or []) if mk is not None]
     if labelled and masks is not None:
         truth = np.concatenate([np.asarray(masks[i]).ravel() for i in labelled])
@@ -186,8 +223,8 @@ class Gate:
         masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
     ) -> GateResult:
         """Compare candidate and current model on the region's recent tiles (N, C, H, W)."""
-        cand_maps, cand_ent = _predict(candidate, tiles)
-        cur_maps, cur_ent = _predict(current, tiles)
+        cand_maps, cand_ent, cand_conf = _predict(candidate, tiles)
+        cur_maps, cur_ent, cur_conf = _predict(current, tiles)
         return judge(
             list(cand_maps.cpu().numpy()),
             cand_ent.cpu().tolist(),
@@ -197,4 +234,6 @@ class Gate:
             self.config,
             context,
             masks,
+            candidate_confidence=cand_conf.cpu().tolist(),
+            current_confidence=cur_conf.cpu().tolist(),
         )

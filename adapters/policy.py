@@ -29,6 +29,7 @@ from adapters.buffer import BufferedTile
 from adapters.config import AdaptationConfig, ResetConfig
 from adapters.gate import Gate, GateContext, GateResult
 from adapters.registry import create_adapter
+from adapters.selection import Selector
 from monitoring.features import TileFeatures, forward_with_features
 from monitoring.label_shift import BBSE
 from monitoring.monitor import RegionMonitor
@@ -73,10 +74,21 @@ def shifted_from_source(features: Sequence[TileFeatures], monitor: RegionMonitor
 
 
 def _context(
-    job: AdaptationJob, feats: Sequence[TileFeatures], manifest: ModelManifest, confusion: np.ndarray | None
+    job: AdaptationJob,
+    feats: Sequence[TileFeatures],
+    manifest: ModelManifest,
+    confusion: np.ndarray | None,
+    selector: Selector | None = None,
+    method: str = "",
 ) -> GateContext:
     label_shift = job.label_shift if job.label_shift is not None else label_shift_estimate(feats, confusion)
-    return GateContext(label_shift=label_shift, prior=manifest.class_prior or None, covariate=job.trigger.covariate)
+    return GateContext(
+        label_shift=label_shift,
+        prior=manifest.class_prior or None,
+        covariate=job.trigger.covariate,
+        selector=selector,
+        method=method,
+    )
 
 
 def gate_context(
@@ -86,15 +98,19 @@ def gate_context(
     source_manifest: ModelManifest,
     confusion: np.ndarray | None,
     device: str = "auto",
+    *,
+    selector: Selector | None = None,
+    method: str = "",
 ) -> GateContext:
-    """The gate context of a job (label-shift estimate from the source model's view of its tiles, prior, covariate).
+    """The gate context of a job: label-shift estimate, prior, covariate evidence, selector, candidate method.
 
-    What ``adapt_or_reset`` judges with; a redelivered job whose version was published but not rolled out gets
+    The label-shift estimate comes from the source model's view of the job's tiles. What ``adapt_or_reset``
+    judges with; a redelivered job whose version was published but not rolled out gets
     the same context for its rollout.
     """
     if job.label_shift is not None or confusion is None:
-        return _context(job, (), source_manifest, confusion)
-    return _context(job, source_features(source, tiles, device), source_manifest, confusion)
+        return _context(job, (), source_manifest, confusion, selector, method)
+    return _context(job, source_features(source, tiles, device), source_manifest, confusion, selector, method)
 
 
 def adapt_or_reset(
@@ -107,6 +123,7 @@ def adapt_or_reset(
     new_monitor: Callable[[], RegionMonitor],
     confusion: np.ndarray | None = None,
     current: UNet | None = None,
+    selector: Selector | None = None,
 ) -> AdaptationOutcome:
     """The version one job makes: the source model adapted on ``tiles``, or the source weights again.
 
@@ -119,13 +136,14 @@ def adapt_or_reset(
         new_monitor: A fresh source-calibrated monitor (decides whether the shift went away).
         confusion: The source confusion matrix ``[pred, true]`` of the calibration, for BBSE.
         current: The model the region serves now (the gate compares with it); ``None`` = the source.
+        selector: The label-free estimator of the candidate's mIoU change (None: the gate's heuristics decide).
 
     Returns:
         The candidate with its gate result and the gate context (what a TorchServe shadow check must reuse).
 
     """
     feats = source_features(source, tiles, config.device)
-    context = _context(job, feats, source_manifest, confusion)
+    context = _context(job, feats, source_manifest, confusion, selector, config.method_for(job.region).method)
     job = job.model_copy(update={"label_shift": context.label_shift})
     if job.base_version != 0 and not shifted_from_source(feats, new_monitor()):
         return reset_to_source(job, source, source_manifest, tiles, context)
@@ -188,7 +206,8 @@ def run_adaptation(
             chosen.method,
         )
     context = context or GateContext(prior=base_manifest.class_prior or None, covariate=job.trigger.covariate)
-    adapter = create_adapter(chosen.method, base, chosen.method_config, source_tiles=source_tiles)
+    prior = torch.tensor(context.prior, dtype=torch.float32) if context.prior else None
+    adapter = create_adapter(chosen.method, base, chosen.method_config, source_tiles=source_tiles, class_prior=prior)
     batches = _batches(x, config.batch_size, config.epochs, seed=len(tiles))
     if config.reset is not None:
         mix = context.label_shift or context.prior

@@ -7,12 +7,15 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from adapters.adda import ADDA
 from adapters.base import Adapter
 from adapters.bn import BNAdapt
+from adapters.bn_balanced import BalancedBN
 from adapters.coral import DeepCoral
 from adapters.cotta import CoTTA
 from adapters.dann import DANN
 from adapters.eata import EATA
+from adapters.prior_em import PriorEM
 from adapters.sar import SAR
 from adapters.self_training import SelfTraining
 from adapters.tent import Tent
@@ -20,7 +23,7 @@ from terradapt.errors import UnknownNameError
 from terradapt.model import UNet
 
 _ADAPTERS: dict[str, type[Adapter]] = {
-    cls.name: cls for cls in (BNAdapt, Tent, EATA, SAR, CoTTA, SelfTraining, DeepCoral, DANN)
+    cls.name: cls for cls in (BNAdapt, BalancedBN, PriorEM, Tent, EATA, SAR, CoTTA, SelfTraining, DeepCoral, DANN, ADDA)
 }
 
 
@@ -43,6 +46,7 @@ def create_adapter(
     config: dict[str, Any] | BaseModel | None = None,
     *,
     source_tiles: torch.Tensor | None = None,
+    class_prior: torch.Tensor | None = None,
 ) -> Adapter:
     """Build a registered method on a model with its own config (validated, unknown keys rejected).
 
@@ -52,6 +56,7 @@ def create_adapter(
         config: the method's own config, as a dict or a config model.
         source_tiles: raw source tiles (N, C, H, W) for methods that replay them (``source_replay`` is
             "optional" or "required"); ignored by the others.
+        class_prior: the source class mix (K,), for the label-shift-aware methods (uniform when None).
 
     Returns:
         The adapter.
@@ -65,4 +70,5 @@ def create_adapter(
     if isinstance(config, BaseModel):
         config = config.model_dump()
     validated = cls.config_class.model_validate(config or {})
-    return cls(model, validated, source_tiles=source_tiles if cls.source_replay != "none" else None)
+    replay = source_tiles if cls.source_replay != "none" else None
+    return cls(model, validated, source_tiles=replay, class_prior=class_prior)

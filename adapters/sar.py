@@ -22,9 +22,9 @@ from adapters.common import (
     bn_names,
     configure_bn_training,
     frozen_running_stats,
-    pixel_entropy,
     restart_running_stats,
 )
+from terradapt.metrics import pixel_entropy
 from terradapt.model import UNet
 
 

@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import nn
 
 from adapters.base import Adapter, AdapterConfig
+from terradapt.metrics import pixel_entropy
 from terradapt.model import UNet
 
 
@@ -23,12 +24,6 @@ class TentConfig(AdapterConfig):
 
     lr: float = Field(default=1e-3, gt=0)
     steps: int = Field(default=1, ge=1, description="optimisation steps per batch")
-
-
-def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Mean per-pixel Shannon entropy of the softmax (works for (N, K) and (N, K, H, W))."""
-    log_p = logits.log_softmax(dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
 class Tent(Adapter):
@@ -66,7 +61,7 @@ class Tent(Adapter):
                     m.reset_running_stats()
             self._fresh = False
         for _ in range(self.config.steps):
-            loss = entropy_loss(self.model(batch))
+            loss = pixel_entropy(self.model(batch)).mean()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             self.optimizer.step()

@@ -7,7 +7,9 @@ and separately real Dubai areas 1, 2, 7, 8 (leave-areas-out). Targets: held-out 
 (gain/offset + haze), D067 (season + light + blur), D029 (label shift only), D074 (label + mild covariate shift);
 Dubai area 2 as is, area 2 under the D013 radiometric shift applied to the real images (``shift_image``), and
 areas 4, 5 (real label shift). Each method adapts on a region's stream tiles (batch 1 and 4), then is evaluated
-on that region's held-out labelled tiles. The oracle fine-tunes every weight on the stream tiles *with labels*.
+on that region's held-out labelled tiles: ``held_out`` per synthetic departement (8 quick, 16 full), 8 (quick) or
+12 (full) per Dubai region (``dubai_scenario`` holds out ``DemoConfig.eval_tiles`` = 12; ``held_out`` only caps
+it). The oracle fine-tunes every weight on the stream tiles *with labels*.
 Gap closed = (method - source) / (oracle - source). Compute = adaptation time per tile / inference time per tile.
 
 The ``terradapt`` column is the system itself, not a method: the embedded runner (``stream.demo.run_stream``)

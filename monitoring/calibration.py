@@ -9,7 +9,10 @@ would be ignored), so the calibration stores the inputs instead:
   (a calibration made with another model is refused at start);
 * the seed of the cross-fitting split: the tiles are *shuffled* with it before being cut in two halves (halves
   cut in input order put whole areas on one side and inflated thresholds ~4x, shared/FINDINGS.md);
-* the source model's pixel confusion matrix on the labelled calibration tiles, ``[pred, true]``, for BBSE.
+* the source model's pixel confusion matrix on the labelled calibration tiles, ``[pred, true]``, for BBSE;
+* with labels, the label-free selection's calibration domains (``adapters.selection_calibration``): features
+  and true mIoU change of adapted candidates on shifted calibration tiles, from which each process fits its
+  estimator with its own settings.
 
 Every process calibrates its monitors from this data with its own config at start (milliseconds to a second).
 """
@@ -53,6 +56,9 @@ class CalibrationData(BaseModel):
     confusion: tuple[tuple[float, ...], ...] | None = Field(
         default=None, description="source model pixel counts [pred, true] on the labelled calibration tiles"
     )
+    selection: tuple[dict[str, Any], ...] = Field(
+        default=(), description="label-free selection domains (adapters.selection.SelectionDomain rows)"
+    )
 
     @classmethod
     def from_features(
@@ -63,6 +69,7 @@ class CalibrationData(BaseModel):
         seed: int = 0,
         model_sha256: str = "",
         confusion: np.ndarray | None = None,
+        selection: Sequence[dict[str, Any]] = (),
     ) -> CalibrationData:
         """Build from the source model's features of held-out source tiles (warns below ``RECOMMENDED_TILES``)."""
         if tile_ids and len(tile_ids) != len(features):
@@ -79,6 +86,7 @@ class CalibrationData(BaseModel):
             seed=seed,
             features=tuple(f.to_dict() for f in features),
             confusion=None if confusion is None else tuple(tuple(map(float, row)) for row in np.asarray(confusion)),
+            selection=tuple(selection),
         )
 
     @property

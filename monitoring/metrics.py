@@ -68,6 +68,8 @@ DEAD_LETTER_REASONS: Final = (
     "packaging_failed",
     # adaptation errors (adapters.common: a source-replay method started without source tiles)
     "missing_source_tiles",
+    # few-shot adaptation (adapters.fewshot: a few-shot job with fewer labelled tiles than it needs)
+    "too_few_labels",
     # pipeline errors (stream.pipeline, monitoring.calibration)
     "key_mismatch",
     "predictor_unavailable",

@@ -2,7 +2,9 @@
 
 Calibration runs the source model on *held-out* source tiles and keeps what it saw (``monitoring.calibration``):
 their features, their ids, and with labels the source confusion matrix that label-shift estimates need. The
-registry refuses a calibration that overlaps the source model's training tiles.
+registry refuses a calibration that overlaps the source model's training tiles. With labels and the adaptation
+methods to calibrate (``selection_methods``), the calibration also holds the label-free selection's domains
+(``adapters.selection_calibration``): each method adapted on shifted calibration tiles, with its true mIoU change.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from adapters.selection import SelectionConfig
+from adapters.selection_calibration import calibrate_selection
 from monitoring.calibration import CalibrationData
 from serving.predictor import InProcessPredictor, Predictor
 from serving.registry import SOURCE, ModelRegistry
@@ -58,8 +62,13 @@ def bootstrap_registry(
     masks: Sequence[npt.NDArray[np.uint8]] | None = None,
     seed: int = 0,
     device: str = "auto",
+    selection_methods: Sequence[str] = (),
+    selection: SelectionConfig | None = None,
 ) -> tuple[ModelVersion, CalibrationData]:
     """Publish the source model, calibrate it on held-out source ``images``, publish the calibration.
+
+    ``selection_methods`` (with ``masks``): the adaptation methods whose label-free selection is calibrated on
+    these tiles (areas = the region part of ``tile_ids``, ``<region>/<tile>``); none: the gate's heuristics.
 
     Raises:
         ValueError: A calibration tile is one the source model trained on (its manifest lists them).
@@ -74,5 +83,20 @@ def bootstrap_registry(
         seed=seed,
         model_sha256=version.sha256,
     )
+    if masks is not None and selection_methods:
+        source, manifest = registry.load(SOURCE, 0)
+        cfg = selection or SelectionConfig()
+        domains = calibrate_selection(
+            source,
+            manifest,
+            images,
+            masks,
+            [t.split("/", 1)[0] for t in tile_ids] if tile_ids else ["source"] * len(images),
+            methods=tuple(dict.fromkeys(selection_methods)),
+            tiles_per_domain=cfg.calibration_tiles_per_domain,
+            seed=seed,
+            device="cpu" if device == "auto" else device,
+        )
+        data = data.model_copy(update={"selection": tuple(d.model_dump() for d in domains)})
     registry.publish_calibration(data)
     return version, data

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from serving.label_store import LabelStore
 from serving.predictor import InProcessPredictor, Predictor
 from serving.registry import ModelRegistry
 from serving.rollout import Deployer, InProcessDeployer
@@ -72,7 +73,8 @@ def build_pipeline(
     """The pipeline every runner drives, configured by ``settings``.
 
     ``predictor``/``deployer`` default to the configured ones; ``spec`` to the ``stream`` settings' contract (the
-    demo passes its dataset's bands).
+    demo passes its dataset's bands). Delayed labels are kept for few-shot adaptation under ``labels/`` in the
+    prediction store (same bucket or folder; region codes never spell ``labels``).
     """
     if predictor is None or deployer is None:
         built = predictor_and_deployer(settings, registry)
@@ -85,6 +87,11 @@ def build_pipeline(
         deployer=deployer,
         reader=reader,
         predictions=predictions,
+        labels=(
+            None
+            if predictions is None
+            else LabelStore(predictions, reader, max_tiles=settings.adaptation.few_shot.max_labels)
+        ),
         adaptation=settings.adaptation,
         monitor_config=settings.monitor,
         trigger_config=settings.trigger,

@@ -2,36 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from stream.cli_common import ConfigOption, _console, _settings
+from stream.cli_models import adapt, evaluate, generate, registry_init, train
+
 app = typer.Typer(add_completion=False, help="terradapt: keep land-cover models accurate as they meet new regions.")
-
-
-@functools.cache
-def _console() -> Console:
-    """The rich console, created on first use (its width is read from the terminal or COLUMNS then)."""
-    return Console()
-
-
-def _settings(config: Path | None) -> object:
-    from stream.config import ConfigError, load_settings
-
-    try:
-        return load_settings(config)
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-
-
-ConfigOption = Annotated[Path | None, typer.Option(help="TOML settings file (else TERRADAPT_CONFIG / env only)")]
 
 
 @app.command()
@@ -137,158 +119,6 @@ def demo(
 
 
 @app.command()
-def generate(
-    out: Annotated[Path, typer.Argument(help="root folder of the FLAIR-layout dataset to write")],
-    regions: Annotated[str, typer.Option(help="comma-separated departement codes")] = "D033,D040,D013,D067,D029",
-    tiles: Annotated[int, typer.Option(help="tiles per region")] = 20,
-    size: Annotated[int, typer.Option(help="tile size in pixels (FLAIR: 512)")] = 512,
-    seed: int = 0,
-) -> None:
-    """Write synthetic FLAIR-format tiles (5-band uint8 GeoTIFF, EPSG:2154, FLAIR layout)."""
-    from terradapt.datasets.synthetic import write_flair_dataset
-
-    paths = write_flair_dataset(out, {r: tiles for r in regions.split(",")}, size=size, seed=seed)
-    _console().print(f"wrote {len(paths)} files under {out}")
-
-
-def _flair_samples(root: Path, regions: list[str] | None) -> tuple[object, list[object]]:
-    from terradapt.datasets.flair import FlairDataset
-
-    ds = FlairDataset(root)
-    wanted = regions or ds.regions()
-    return ds, [ds.load(r, t) for r in wanted for t in ds.tile_ids(r)]
-
-
-@app.command()
-def train(
-    data: Annotated[Path, typer.Argument(help="FLAIR-layout root (real FLAIR or `terradapt generate` output)")],
-    out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path(".terradapt/source"),
-    regions: Annotated[str | None, typer.Option(help="comma-separated source regions (default: all)")] = None,
-    steps: int = 300,
-    base_channels: int = 16,
-    seed: int = 0,
-) -> None:
-    """Train a source model on FLAIR-layout data; writes weights.safetensors + manifest.json."""
-    from terradapt.checkpoint import save_checkpoint
-    from terradapt.datasets.base import Sample
-    from terradapt.model import UNetConfig
-    from terradapt.training import TrainConfig, train_source_checkpoint
-
-    ds, samples = _flair_samples(data, regions.split(",") if regions else None)
-    labelled = [s for s in samples if isinstance(s, Sample) and s.mask is not None]
-    if not labelled:
-        raise typer.BadParameter(f"no labelled tiles under {data}")
-    classes = getattr(ds, "classes")  # noqa: B009
-    bands = getattr(ds, "band_names")  # noqa: B009
-    mcfg = UNetConfig(in_channels=len(bands), num_classes=len(classes), base_channels=base_channels)
-    with Progress(console=_console()) as progress:
-        task = progress.add_task("training", total=steps)
-        model, manifest = train_source_checkpoint(
-            [s.image for s in labelled],
-            [s.mask for s in labelled if s.mask is not None],
-            mcfg,
-            TrainConfig(steps=steps, seed=seed),
-            classes=classes,
-            bands=bands,
-            regions=tuple(sorted({s.region for s in labelled})),
-            tile_ids=[f"{s.region}/{s.tile_id}" for s in labelled],
-            progress=lambda step, loss: progress.update(task, completed=step),
-        )
-    saved = save_checkpoint(out, model, manifest)
-    _console().print(f"saved {out} (sha256 {saved.sha256[:12]}...)")
-
-
-@app.command()
-def evaluate(
-    data: Annotated[Path, typer.Argument(help="FLAIR-layout root with masks")],
-    model_dir: Annotated[Path, typer.Option("--model", help="checkpoint folder")] = Path(".terradapt/source"),
-    regions: Annotated[str | None, typer.Option(help="comma-separated regions (default: all)")] = None,
-) -> None:
-    """Print per-class IoU and mIoU per region."""
-    from terradapt.checkpoint import load_checkpoint
-    from terradapt.datasets.base import Sample
-    from terradapt.training import evaluate as run_eval
-
-    model, manifest = load_checkpoint(model_dir)
-    _, samples = _flair_samples(data, regions.split(",") if regions else None)
-    table = Table(title=f"evaluation of {model_dir}")
-    table.add_column("region")
-    for c in manifest.classes:
-        table.add_column(c[:10])
-    table.add_column("mIoU")
-    by_region: dict[str, list[Sample]] = {}
-    for s in samples:
-        if isinstance(s, Sample) and s.mask is not None:
-            by_region.setdefault(s.region, []).append(s)
-    for region, group in sorted(by_region.items()):
-        ev = run_eval(model, [s.image for s in group], [s.mask for s in group if s.mask is not None])
-        cells = ["-" if v != v else f"{100 * v:.1f}" for v in ev.iou]
-        table.add_row(region, *cells, f"{100 * ev.miou:.1f}")
-    _console().print(table)
-
-
-@app.command()
-def adapt(
-    data: Annotated[Path, typer.Argument(help="FLAIR-layout root holding the target region's tiles")],
-    region: Annotated[str, typer.Option(help="target region code, e.g. D013")],
-    model_dir: Annotated[Path, typer.Option("--model", help="source checkpoint folder")] = Path(".terradapt/source"),
-    method: Annotated[
-        str | None, typer.Option(help="adaptation method (default: the settings' for the region)")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="where to write the adapted checkpoint")] = None,
-    config: ConfigOption = None,
-) -> None:
-    """Adapt a checkpoint to one region's tiles with a registered method, gate it, and save it.
-
-    The ``[adaptation]`` settings apply (method per region, method config, epochs, gate); ``--method`` replaces the
-    region's method.
-    """
-    from adapters.buffer import BufferedTile
-    from adapters.config import AdaptationConfig, RegionMethod
-    from adapters.policy import run_adaptation
-    from stream.config import Settings
-    from terradapt.checkpoint import ModelManifest, load_checkpoint
-    from terradapt.datasets.base import Sample
-    from terradapt.records import AdaptationJob, DriftEvent
-
-    settings = _settings(config)
-    assert isinstance(settings, Settings)
-    cfg: AdaptationConfig = settings.adaptation
-    if method is not None:
-        per_region = {**cfg.per_region, region: RegionMethod(method=method)}
-        cfg = cfg.model_copy(update={"per_region": per_region})
-    method = cfg.method_for(region).method
-    model, manifest = load_checkpoint(model_dir)
-    _, samples = _flair_samples(data, [region])
-    tiles = [BufferedTile(s.tile_id, s.image) for s in samples if isinstance(s, Sample)]
-    trigger = DriftEvent(
-        region=region,
-        acquisition_id="manual",
-        tiles_seen=len(tiles),
-        signal="manual",
-        score=0.0,
-        threshold=0.0,
-    )
-    job = AdaptationJob(
-        job_id=f"manual-{region}-{method}",
-        region=region,
-        base_version=manifest.version,
-        method=method,
-        tile_ids=tuple(t.acquisition_id for t in tiles),
-        trigger=trigger,
-    )
-    outcome = run_adaptation(job, model, manifest, tiles, cfg)
-    verdict = "accepted" if outcome.gate.accepted else "REJECTED: " + "; ".join(outcome.gate.reasons)
-    _console().print(f"gate: {verdict}")
-    _console().print(json.dumps(outcome.gate.metrics, indent=2))
-    target = out or model_dir.parent / f"{region}-{method}"
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "weights.safetensors").write_bytes(outcome.weights)
-    (target / "manifest.json").write_text(ModelManifest.model_dump_json(outcome.manifest, indent=2))
-    _console().print(f"saved {target}")
-
-
-@app.command()
 def topics(config: ConfigOption = None) -> None:
     """Create the Kafka topics (idempotent) with the configured partition count."""
     from stream.config import Settings
@@ -299,51 +129,6 @@ def topics(config: ConfigOption = None) -> None:
     assert isinstance(settings, Settings)
     created = ensure_topics(settings.kafka, Topics.with_prefix(settings.kafka.topic_prefix))
     _console().print(f"created {len(created)} topics: {', '.join(created) or '-'}")
-
-
-@app.command("registry-init")
-def registry_init(
-    model_dir: Annotated[Path, typer.Option("--model", help="source checkpoint folder")],
-    data: Annotated[Path, typer.Option(help="FLAIR-layout root with held-out source tiles for calibration")],
-    regions: Annotated[str | None, typer.Option(help="comma-separated source regions to calibrate on")] = None,
-    config: ConfigOption = None,
-) -> None:
-    """Publish the source model to the MinIO registry and calibrate the drift monitor on held-out source tiles.
-
-    The calibration tiles must be held out: a tile the source model trained on (its manifest lists them) is
-    refused, and fewer than 150 tiles is a warning (looser thresholds).
-    """
-    from serving.minio_store import MinioStore, minio_client
-    from serving.registry import ModelRegistry
-    from stream.bootstrap import bootstrap_registry
-    from stream.config import Settings
-    from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest
-    from terradapt.datasets.base import Sample
-
-    settings = _settings(config)
-    assert isinstance(settings, Settings)
-    registry = ModelRegistry(MinioStore(minio_client(settings.s3), settings.s3.bucket_models))
-    manifest = ModelManifest.model_validate_json((model_dir / MANIFEST_FILE).read_bytes())
-    _, samples = _flair_samples(data, regions.split(",") if regions else None)
-    tiles = [s for s in samples if isinstance(s, Sample)]
-    # labels, when every calibration tile has one, give the source confusion matrix for label-shift estimates
-    masks = [s.mask for s in tiles if s.mask is not None]
-    try:
-        version, calibration = bootstrap_registry(
-            registry,
-            (model_dir / WEIGHTS_FILE).read_bytes(),
-            manifest,
-            [s.image for s in tiles],
-            tile_ids=[f"{s.region}/{s.tile_id}" for s in tiles],
-            masks=masks if len(masks) == len(tiles) else None,
-            seed=settings.runtime.seed,
-            device=settings.runtime.device,
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    _console().print(
-        f"source model {version.href} (sha256 {version.sha256[:12]}...), calibrated on {calibration.tiles} tiles"
-    )
 
 
 @app.command()
@@ -468,6 +253,11 @@ def info() -> None:
     )
     _console().print(f"adaptation methods: {', '.join(available_adapters())}")
     _console().print(f"drift detectors: {', '.join(available_detectors())}")
+
+
+for _command in (generate, train, evaluate, adapt):
+    app.command()(_command)
+app.command("registry-init")(registry_init)
 
 
 def main() -> None:

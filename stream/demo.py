@@ -95,6 +95,8 @@ def fresh_registry(settings: Settings, sc: Scenario, model: UNet, manifest: Mode
         masks=masks if len(masks) == len(sc.calibration) else None,
         seed=settings.demo.seed,
         device=settings.runtime.device,
+        selection_methods=settings.adaptation.methods(),
+        selection=settings.adaptation.gate.selection,
     )
     return registry
 

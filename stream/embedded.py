@@ -23,7 +23,8 @@ from monitoring.accuracy import LabelJoin
 from monitoring.monitor import MonitorUpdate
 from serving.store import MemoryStore
 from stream.observer import NullObserver
-from stream.pipeline import Outcome, Pipeline
+from stream.outcome import Outcome
+from stream.pipeline import Pipeline
 from stream.topics import TopicName
 from terradapt.metrics import miou
 from terradapt.raster import Raster, raster_to_geotiff_bytes

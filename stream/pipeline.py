@@ -6,9 +6,12 @@ stored state) and returns what to publish (and the region's new state). Nothing 
     process(acquisition)   parse -> region -> read object -> validate raster -> predict (+ features, same pass)
                            -> prediction COG -> monitor -> trigger                 => predictions, features,
                                                                                       drift-events, adaptation-jobs
-    run_job(job)           parse -> idempotency / staleness -> read tiles -> adapt or reset (adapters.policy)
+    run_job(job)           parse -> idempotency / staleness -> read tiles (+ labelled tiles of a few-shot job)
+                           -> adapt or reset (adapters.policy) | few-shot (adapters.fewshot)
                            -> gate -> publish -> rollout (same gate context)       => model-versions, rollouts
-    process_label(label)   parse -> read mask -> read prediction COG -> join -> accuracy window => (metrics)
+    process_label(label)   parse -> read mask -> read prediction COG -> join -> accuracy window
+                           -> label store -> few-shot job when the region's label count is due
+                                                                                   => (metrics), adaptation-jobs
 
 Any typed error becomes a dead letter with the original payload and the reason; an unexpected error too
 (``internal_error`` / ``adaptation_failed``), so no runner has a try/except of its own. The embedded runner calls
@@ -24,26 +27,32 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
 from adapters.buffer import BufferedTile
 from adapters.config import AdaptationConfig
-from adapters.policy import adapt_or_reset, gate_context
+from adapters.fewshot import few_shot_context, few_shot_job, rollout_tiles, run_few_shot
+from adapters.gate import GateContext
+from adapters.policy import AdaptationOutcome, adapt_or_reset, gate_context
+from adapters.selection import Selector
 from adapters.trigger import Trigger, TriggerConfig
-from monitoring.accuracy import DelayedLabelTracker
+from monitoring.accuracy import DelayedLabelTracker, LabelJoin
 from monitoring.calibration import CalibrationData, CalibrationError
 from monitoring.monitor import MonitorConfig, MonitorUpdate, RegionMonitor
+from serving.label_store import LabelStore
 from serving.predictor import Predictor, TileOutput
 from serving.registry import SOURCE, ModelRegistry
 from serving.rollout import Deployer, RolloutContext
 from serving.store import BlobStore, TileReader
 from stream.observer import NullObserver, PipelineObserver, timed
+from stream.outcome import KeyMismatchError, Outcome, Outgoing, PredictorUnavailableError
 from stream.state import RecentTile, RegionState
 from stream.topics import TopicName, Topics
+from terradapt.checkpoint import ModelManifest
 from terradapt.classes import flair_to_13
 from terradapt.errors import InvalidPayloadError, TerradaptError, UnknownRegionError
+from terradapt.model import UNet
 from terradapt.raster import Raster, RasterSpec, read_prediction, read_raster, write_cog
 from terradapt.records import (
     Acquisition,
@@ -52,57 +61,15 @@ from terradapt.records import (
     DriftEvent,
     LabelRecord,
     ModelVersion,
-    Record,
     Stage,
     TilePrediction,
     parse_record,
 )
 
 log = logging.getLogger(__name__)
-R = TypeVar("R", bound=Record)
 
 #: What a label mask must be: one band, any CRS, unlabelled pixels allowed everywhere.
 MASK_SPEC = RasterSpec(band_count=1, require_crs=False, max_nodata_fraction=1.0)
-
-
-class KeyMismatchError(TerradaptError, ValueError):
-    """A message's Kafka key is not its region: per-region state is partitioned by key, so it is refused."""
-
-    reason = "key_mismatch"
-
-    def __init__(self, key: str | None, region: str) -> None:
-        super().__init__(f"message key {key!r} is not its region {region!r}: publish keyed by region")
-
-
-class PredictorUnavailableError(TerradaptError, ConnectionError):
-    """The predictor failed with transient errors on every try."""
-
-    reason = "predictor_unavailable"
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A record to publish on a logical topic, keyed by region."""
-
-    topic: TopicName
-    key: str
-    record: Record
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What one message produced: records to publish, and the region's new state (None: leave it as it is)."""
-
-    messages: tuple[Outgoing, ...] = ()
-    state: bytes | None = None
-
-    def records(self, topic: TopicName) -> list[Record]:
-        """The records of one topic."""
-        return [m.record for m in self.messages if m.topic == topic]
-
-    def of(self, kind: type[R]) -> list[R]:
-        """The records of one type (``outcome.of(ModelVersion)``)."""
-        return [m.record for m in self.messages if isinstance(m.record, kind)]
 
 
 @dataclass(frozen=True)
@@ -121,6 +88,7 @@ class Pipeline:
     deployer: Deployer
     reader: TileReader
     predictions: BlobStore | None = None
+    labels: LabelStore | None = None
     adaptation: AdaptationConfig = field(default_factory=AdaptationConfig)
     monitor_config: MonitorConfig = field(default_factory=MonitorConfig)
     trigger_config: TriggerConfig = field(default_factory=TriggerConfig)
@@ -184,7 +152,12 @@ class Pipeline:
             latency = time.perf_counter() - t0
             href = None
             if self.predictions is not None:
-                tags = {"acquisition_id": acq.id, "region": acq.region, "model_version": str(output.version)}
+                tags = {
+                    "acquisition_id": acq.id,
+                    "region": acq.region,
+                    "model_version": str(output.version),
+                    "acquisition_href": acq.href,  # a delayed label finds the image it labels (few-shot)
+                }
                 cog = write_cog(output.class_map, raster.crs, raster.transform, tags=tags)
                 href = self.predictions.put(f"{acq.region}/{acq.id}.tif", cog, "image/tiff")
         f = output.features
@@ -283,6 +256,15 @@ class Pipeline:
         return data
 
     @functools.cached_property
+    def selector(self) -> Selector | None:
+        """The label-free selection estimator, fitted with this pipeline's settings on the calibration's domains.
+
+        None when the calibration holds no selection domains (calibrated without labels) or selection is off:
+        the gate's class-mix heuristics decide then.
+        """
+        return Selector.from_rows(self.calibration.selection, self.adaptation.gate.selection)
+
+    @functools.cached_property
     def _monitor_template(self) -> RegionMonitor:
         return RegionMonitor.from_calibration(self.monitor_config, self.calibration)
 
@@ -329,7 +311,8 @@ class Pipeline:
             log.info("job %s is stale: base v%s, region now serves v%s", job.job_id, job.base_version, current)
             return Outcome()
         tiles = self._job_tiles(job)
-        if not tiles:
+        labelled = self._labelled_tiles(job)
+        if not tiles and not labelled:
             return self._dead(
                 "adaptation_jobs",
                 "adapt",
@@ -342,16 +325,53 @@ class Pipeline:
             )
         source, manifest = self.registry.load(job.region, 0)
         confusion = self.calibration.confusion_matrix()
+        # a few-shot version's deployer sees every image but no mask: labels never evaluate what they trained
+        checked = rollout_tiles(tiles, labelled)
         if done is not None:
             log.info("job %s already published v%s", job.job_id, done.version)
             out: list[Outgoing] = [Outgoing("model_versions", job.region, done)]
             if done.accepted and current == job.base_version and done.version != current:
-                context = gate_context(job, tiles, source, manifest, confusion, self.adaptation.device)
-                out += self._deploy(done, RolloutContext(tiles, context))
+                context = self._gate_context(job, tiles, labelled, source, manifest, confusion)
+                out += self._deploy(done, RolloutContext(checked, context))
             return Outcome(tuple(out))
-        log.info("adapting %s on %d tiles", job.region, len(tiles))
-        model = None if job.base_version == 0 else self.registry.load(job.region, job.base_version)[0]
-        outcome = adapt_or_reset(
+        log.info("adapting %s on %d tiles (%d labelled)", job.region, len(tiles), len(labelled))
+        outcome = self._adapt(job, tiles, labelled, source, manifest, confusion)
+        version = self.registry.publish(outcome.weights, outcome.manifest)
+        elapsed = time.perf_counter() - started
+        self.observer.adapted(job.region, version.method, "accepted" if version.accepted else "rejected", elapsed)
+        out = [Outgoing("model_versions", job.region, version)]
+        if version.accepted:
+            out += self._deploy(version, RolloutContext(checked, outcome.context))
+        return Outcome(tuple(out))
+
+    def _adapt(
+        self,
+        job: AdaptationJob,
+        tiles: list[BufferedTile],
+        labelled: list[BufferedTile],
+        source: UNet,
+        manifest: ModelManifest,
+        confusion: np.ndarray | None,
+    ) -> AdaptationOutcome:
+        """The candidate of a job: few-shot when it names labelled tiles, else adapt-or-reset (label-free)."""
+        current: UNet | None = None
+        current_labels: tuple[str, ...] = ()
+        if job.base_version != 0:
+            current, current_manifest = self.registry.load(job.region, job.base_version)
+            current_labels = current_manifest.labels_used
+        if job.labels:
+            return run_few_shot(
+                job,
+                source,
+                manifest,
+                labelled,
+                tiles,
+                self.adaptation.few_shot,
+                current=current,
+                current_labels=current_labels,
+                device=self.adaptation.device,
+            )
+        return adapt_or_reset(
             job,
             tiles,
             source,
@@ -359,15 +379,34 @@ class Pipeline:
             self.adaptation,
             new_monitor=self.new_monitor,
             confusion=confusion,
-            current=model,
+            current=current,
+            selector=self.selector,
         )
-        version = self.registry.publish(outcome.weights, outcome.manifest)
-        elapsed = time.perf_counter() - started
-        self.observer.adapted(job.region, version.method, "accepted" if version.accepted else "rejected", elapsed)
-        out = [Outgoing("model_versions", job.region, version)]
-        if version.accepted:
-            out += self._deploy(version, RolloutContext(tiles, outcome.context))
-        return Outcome(tuple(out))
+
+    def _gate_context(
+        self,
+        job: AdaptationJob,
+        tiles: list[BufferedTile],
+        labelled: list[BufferedTile],
+        source: UNet,
+        manifest: ModelManifest,
+        confusion: np.ndarray | None,
+    ) -> GateContext:
+        """The context a redelivered job's version is rolled out with: the one its candidate was judged with."""
+        if job.labels:
+            return few_shot_context(job, labelled, manifest)
+        method = self.adaptation.method_for(job.region).method
+        return gate_context(
+            job, tiles, source, manifest, confusion, self.adaptation.device, selector=self.selector, method=method
+        )
+
+    def _labelled_tiles(self, job: AdaptationJob) -> list[BufferedTile]:
+        """A few-shot job's labelled tiles from the label store (none for a label-free job)."""
+        if not job.labels:
+            return []
+        if self.labels is None:
+            raise InvalidPayloadError(f"job {job.job_id} names labelled tiles, but this pipeline has no label store")
+        return self.labels.load(job.region, job.labels, self.spec)
 
     def _job_tiles(self, job: AdaptationJob) -> list[BufferedTile]:
         """The job's tiles read back from object storage; unreadable ones (expired, corrupt) are skipped."""
@@ -396,7 +435,8 @@ class Pipeline:
         """Join one delayed label with the stored prediction of its acquisition; ``state`` is the region's tracker.
 
         The prediction COG carries the model version that made it (its tags), so the join needs no memory of the
-        prediction: a label may arrive after restarts and rollouts.
+        prediction: a label may arrive after restarts and rollouts. A joined label is also kept in the label store
+        (few-shot adaptation), and when the region's label count is due the outcome carries a few-shot job.
         """
         started = time.perf_counter()
         try:
@@ -425,7 +465,36 @@ class Pipeline:
             letter = self._letter("labels", "labels", "invalid_tile", join.detail, payload, key)
             self.observer.dead_letter(letter, None, time.perf_counter() - started)
             return Outcome((Outgoing("deadletter", key or "unknown", letter),), new_state)
-        return Outcome((), new_state)
+        job = self._keep_label(label, mask, tags, join)
+        return Outcome(() if job is None else (Outgoing("adaptation_jobs", label.region, job),), new_state)
+
+    def _keep_label(
+        self, label: LabelRecord, mask: np.ndarray, tags: dict[str, str], join: LabelJoin
+    ) -> AdaptationJob | None:
+        """Keep a joined label for few-shot adaptation; the region's few-shot job when its label count is due.
+
+        The image is the acquisition the prediction COG names. Failing to keep a label costs the few-shot set one
+        tile, never the label's accuracy join, so it is logged rather than dead-lettered. The job carries the ids
+        of the region's kept labels and no unlabelled tiles: this path does not see the region's recent
+        acquisitions (they are in the acquisitions' state).
+        """
+        config = self.adaptation.few_shot
+        if self.labels is None or not config.enabled or join.outcome != "joined":
+            return None
+        href = tags.get("acquisition_href")
+        if not href:
+            log.warning("label %s: its prediction names no acquisition href; not kept", label.acquisition_id)
+            return None
+        try:
+            count = self.labels.add(label.region, label.acquisition_id, href, mask)
+        except TerradaptError as exc:
+            log.warning("label %s not kept for few-shot adaptation: %s", label.acquisition_id, exc)
+            return None
+        if not config.due(count):
+            return None
+        labels = tuple(self.labels.list(label.region))
+        base = self.registry.current(label.region)
+        return few_shot_job(label.region, label.acquisition_id, count, base, labels, config)
 
     # == dead letters ==============================================================================================
     def _letter(

@@ -40,12 +40,15 @@ class ModelManifest(BaseModel):
     method: str = "source"
     training_regions: tuple[str, ...] = ()
     training_tiles: tuple[str, ...] = ()  # ids of the tiles the source model trained on (calibration must avoid them)
+    protocol: str = "erm"  # source-training protocol (terradapt.protocols) the weights came from
+    calibration_tiles: tuple[str, ...] = ()  # source tiles held out of training for calibration (registry-init)
     class_prior: tuple[float, ...] = ()  # source pixel share of every class (the gate's default reference)
     metrics: dict[str, float] = Field(default_factory=dict)
     gate_accepted: bool = True
     gate_reasons: tuple[str, ...] = ()
     gate_metrics: dict[str, float] = Field(default_factory=dict)
     data_window: tuple[str, ...] = ()
+    labels_used: tuple[str, ...] = ()  # acquisition ids of the labelled tiles that trained this version (few-shot)
     job_id: str | None = None
     sha256: str = ""
     created: datetime = Field(default_factory=utcnow)

@@ -214,6 +214,7 @@ class AdaptationJob(Record):
     tile_hrefs: tuple[str, ...] = ()
     trigger: DriftEvent
     label_shift: tuple[float, ...] | None = None
+    labels: tuple[str, ...] = ()  # labelled tiles (acquisition ids) of a few-shot job; empty = label-free job
     created: datetime = Field(default_factory=utcnow)
 
 

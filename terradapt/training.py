@@ -1,19 +1,22 @@
-"""Supervised training of the source model and evaluation (per-class IoU, mIoU)."""
+"""Supervised training of the source model (``terradapt.protocols``), its held-out split, and evaluation."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.nn import functional as F  # noqa: N812
+from pydantic import BaseModel
 
 from terradapt.checkpoint import ModelManifest
 from terradapt.classes import IGNORE_INDEX
 from terradapt.metrics import confusion_matrix, iou_per_class, miou
 from terradapt.model import UNet, UNetConfig, select_device
+from terradapt.protocols import SourceData, create_protocol
 
 Array = npt.NDArray[np.uint8]
 
@@ -63,31 +66,16 @@ def class_band_means(
     return torch.tensor(means, dtype=torch.float32), counts / max(counts.sum(), 1)
 
 
-def _random_batch(
-    images: Sequence[Array], masks: Sequence[Array], size: int, crop: int, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for i in rng.integers(0, len(images), size=size):
-        im, mk = images[i], masks[i]
-        h, w = mk.shape
-        c = min(crop, h, w)
-        r0, c0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
-        x, y = im[:, r0 : r0 + c, c0 : c0 + c], mk[r0 : r0 + c, c0 : c0 + c]
-        k = int(rng.integers(0, 4))
-        x, y = np.rot90(x, k, axes=(1, 2)), np.rot90(y, k)
-        if rng.random() < 0.5:
-            x, y = x[:, :, ::-1], y[:, ::-1]
-        xs.append(np.ascontiguousarray(x))
-        ys.append(np.ascontiguousarray(y))
-    return torch.from_numpy(np.stack(xs)).float(), torch.from_numpy(np.stack(ys)).long()
-
-
 def train_source_model(
     images: Sequence[Array],
     masks: Sequence[Array],
     model_config: UNetConfig,
     config: TrainConfig,
     progress: Callable[[int, float], None] | None = None,
+    *,
+    protocol: str = "erm",
+    protocol_config: dict[str, Any] | BaseModel | None = None,
+    domains: Sequence[str] | None = None,
 ) -> UNet:
     """Train a U-Net with cross-entropy (ignore index respected) on random crops with flips and rotations.
 
@@ -97,11 +85,22 @@ def train_source_model(
         model_config: architecture (in_channels and num_classes must match the data).
         config: optimisation settings.
         progress: called with (step, loss) after every step (the CLI draws a progress bar with it).
+        protocol: a registered source-training protocol (``terradapt.protocols.available_protocols()``); "erm"
+            gives the same model as before protocols existed.
+        protocol_config: that protocol's own config (validated; unknown keys are errors).
+        domains: the region of every image (the domains of ``irm`` and ``reptile``); one domain when None.
 
     Returns:
         The trained model in eval mode, on CPU.
 
+    Raises:
+        UnknownNameError: the protocol is not registered (the message lists the valid ones).
+        pydantic.ValidationError: the protocol config has an unknown key or a bad value.
+        ValueError: ``domains`` (or ``masks``) do not match ``images`` one to one.
+
     """
+    method = create_protocol(protocol, protocol_config)  # fail on a bad name or config before any work
+    data = SourceData(images, masks, domains)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = select_device(config.device)
@@ -110,18 +109,44 @@ def train_source_model(
     model.set_normalisation(mean, std)
     model.set_class_band_mean(class_band_means(images, masks, model_config.num_classes)[0])
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps)
-    for step in range(config.steps):
-        x, y = _random_batch(images, masks, config.batch_size, config.crop, rng)
-        loss = F.cross_entropy(model(x.to(device)), y.to(device), ignore_index=IGNORE_INDEX)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress(step + 1, float(loss.detach()))
+    method.fit(model, data, config, rng, progress)
     return model.cpu().eval()
+
+
+def holdout_split(regions: Sequence[str], fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Split tiles into (training, held-out calibration) indices: a seeded, shuffled share of every region.
+
+    Why per region: the drift monitor is calibrated on what the source model sees on *unseen* source tiles, and
+    each source region must be represented on both sides. Why shuffled: tiles come in spatial zones, and taking
+    the last tiles in order would hold out whole zones (a shift of its own) instead of a sample of the region.
+    Each region's shuffle is seeded by (seed, region), so adding a region does not move another's split. Every
+    region keeps at least one training tile.
+
+    Args:
+        regions: the region of every tile.
+        fraction: share of each region's tiles held out, in [0, 1).
+        seed: split seed.
+
+    Returns:
+        Sorted training indices and sorted held-out indices.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1).
+
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"calibration fraction={fraction!r}; accepted: 0 <= fraction < 1")
+    by_region: dict[str, list[int]] = {}
+    for i, region in enumerate(regions):
+        by_region.setdefault(region, []).append(i)
+    train: list[int] = []
+    held: list[int] = []
+    for region, idx in by_region.items():
+        order = np.random.default_rng([seed, zlib.crc32(region.encode())]).permutation(len(idx))
+        n_held = min(int(np.floor(fraction * len(idx) + 0.5)), len(idx) - 1)
+        held += [idx[j] for j in order[:n_held]]
+        train += [idx[j] for j in order[n_held:]]
+    return sorted(train), sorted(held)
 
 
 def train_source_checkpoint(
@@ -135,12 +160,35 @@ def train_source_checkpoint(
     regions: tuple[str, ...],
     tile_ids: Sequence[str] = (),
     progress: Callable[[int, float], None] | None = None,
+    protocol: str = "erm",
+    protocol_config: dict[str, Any] | BaseModel | None = None,
+    domains: Sequence[str] | None = None,
+    calibration_tiles: Sequence[str] = (),
 ) -> tuple[UNet, ModelManifest]:
     """Train the source model and describe it (classes, bands, training regions and tiles, source class prior).
 
-    ``tile_ids`` name the training tiles in the manifest, so a calibration on any of them can be refused.
+    ``tile_ids`` name the training tiles in the manifest, so a calibration on any of them can be refused;
+    ``calibration_tiles`` name the tiles held out for calibrating the drift monitor (``terradapt registry-init``
+    uses them by default). The manifest also records the training ``protocol``.
+
+    Raises:
+        ValueError: a calibration tile is also a training tile.
+        UnknownNameError: the protocol is not registered.
+
     """
-    model = train_source_model(images, masks, model_config, config, progress)
+    overlap = sorted(set(calibration_tiles) & set(tile_ids))
+    if overlap:
+        raise ValueError(f"{len(overlap)} calibration tile(s) are also training tiles: {', '.join(overlap[:5])}")
+    model = train_source_model(
+        images,
+        masks,
+        model_config,
+        config,
+        progress,
+        protocol=protocol,
+        protocol_config=protocol_config,
+        domains=domains,
+    )
     prior = class_band_means(images, masks, model_config.num_classes)[1]
     manifest = ModelManifest(
         config=model_config.to_dict(),
@@ -150,6 +198,8 @@ def train_source_checkpoint(
         training_tiles=tuple(tile_ids),
         class_prior=tuple(float(v) for v in prior),
         metrics={"train_steps": float(config.steps)},
+        protocol=protocol,
+        calibration_tiles=tuple(calibration_tiles),
     )
     return model, manifest
 

@@ -14,6 +14,7 @@ Every step is a ``RolloutEvent``. The registry is the source of truth; TorchServ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -68,6 +69,8 @@ def compare_outputs(
         config,
         context,
         masks,
+        candidate_confidence=[o.features.mean_confidence for o in candidate],
+        current_confidence=[o.features.mean_confidence for o in current],
     )
 
 
@@ -245,7 +248,7 @@ class TorchServeDeployer:
         manifest = self.registry.manifest(region, version)
         gate_context = context.gate
         if gate_context.prior is None and manifest.class_prior:
-            gate_context = GateContext(gate_context.label_shift, manifest.class_prior, gate_context.covariate)
+            gate_context = dataclasses.replace(gate_context, prior=manifest.class_prior)
         verdict = compare_outputs(
             canary,
             baseline,

@@ -15,7 +15,7 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from stream.kafka.ingest import make_producer
 from stream.kafka.services import Services
-from stream.pipeline import Outcome
+from stream.outcome import Outcome
 
 log = logging.getLogger("terradapt.adapt_worker")
 

@@ -21,7 +21,7 @@ from typing import Any
 import faust
 
 from stream.kafka.services import Services
-from stream.pipeline import Outcome
+from stream.outcome import Outcome
 
 log = logging.getLogger("terradapt.worker")
 

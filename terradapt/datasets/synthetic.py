@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 from affine import Affine
 
+from terradapt.augment import gaussian_blur
 from terradapt.classes import FLAIR_BANDS, FLAIR_CLASSES, flair_to_13
 from terradapt.datasets.base import Sample
 from terradapt.errors import UnknownRegionError
@@ -304,22 +305,6 @@ def _top(values: F32, fraction: float) -> npt.NDArray[np.bool_]:
     return values > np.quantile(values[::4, ::4], 1.0 - fraction)
 
 
-def _gaussian_blur(bands: F32, sigma: float) -> F32:
-    """Separable Gaussian blur of (k, H, W) with reflected borders (an FFT filter would wrap edges around)."""
-    radius = max(1, int(np.ceil(3 * sigma)))
-    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    kernel = (kernel / kernel.sum()).astype(np.float32)
-    height, width = bands.shape[1:]
-    padded = np.pad(bands, ((0, 0), (radius, radius), (radius, radius)), mode="reflect")
-    rows = np.zeros((bands.shape[0], height + 2 * radius, width), dtype=np.float32)
-    for offset, weight in enumerate(kernel):
-        rows += weight * padded[:, :, offset : offset + width]
-    out = np.zeros_like(bands)
-    for offset, weight in enumerate(kernel):
-        out += weight * rows[:, offset : offset + height]
-    return out
-
-
 def _gaussian_lut() -> F32:
     """Compute standard normal quantiles at (i + 0.5) / 256 by bisection on math.erf (numpy has no erfinv)."""
     targets = (np.arange(256) + 0.5) / 256
@@ -565,7 +550,7 @@ def shift_image(
         light *= 1 - 0.45 * factors.haze
         light += (255 * factors.haze * _PATH_RADIANCE[:optical])[:, None, None]
     if factors.blur_sigma > 0:
-        out[:optical] = _gaussian_blur(light, factors.blur_sigma)
+        out[:optical] = gaussian_blur(light, factors.blur_sigma)
     out *= np.asarray(factors.gain[:count], dtype=np.float32)[:, None, None]
     out += np.asarray(factors.offset[:count], dtype=np.float32)[:, None, None]
     if factors.noise_std > 0:

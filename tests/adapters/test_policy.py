@@ -132,7 +132,7 @@ def test_job_gets_a_bbse_estimate_and_the_gate_uses_it(data):
     outcome = _adapt(data, *_job("D013", 0, data["shifted"]))
     assert outcome.context.label_shift is not None and len(outcome.context.label_shift) == 13
     assert "tv_reference_to_prior" in outcome.gate.metrics  # the estimate reached the gate
-    assert outcome.manifest.method == "bn" and outcome.manifest.parent == 0
+    assert outcome.manifest.method == "bn-balanced" and outcome.manifest.parent == 0  # the default method
 
 
 def test_per_region_method_and_its_config_take_effect(data):
@@ -142,7 +142,7 @@ def test_per_region_method_and_its_config_take_effect(data):
     moving = AdaptationConfig.model_validate(
         {"device": "cpu", "per_region": {"D013": {"method": "tent", "method_config": {"lr": 1e-2}}}}
     )
-    assert still.method_for("D013").method == "tent" and still.method_for("D040").method == "bn"
+    assert still.method_for("D013").method == "tent" and still.method_for("D040").method == "bn-balanced"
     job, tiles = _job("D013", 0, data["shifted"])
     slow, fast = _adapt(data, job, tiles, still), _adapt(data, job, tiles, moving)
     assert slow.manifest.method == fast.manifest.method == "tent"
@@ -172,7 +172,7 @@ def test_adapted_region_whose_shift_ended_goes_back_to_the_source_weights(data):
     assert all(torch.equal(v, source[k]) for k, v in back.model.state_dict().items())
     # while a shifted stream keeps its shift, a new job adapts again (no reset)
     again = _adapt(data, *_job("D013", 1, data["shifted"], job_id="again"), cfg, current=first.model)
-    assert again.manifest.method == "bn"
+    assert again.manifest.method == "bn-balanced"
 
 
 def test_too_few_tiles_for_a_test_window_never_reset(data):

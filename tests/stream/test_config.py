@@ -21,7 +21,7 @@ def test_env_overrides_file_and_secrets_stay_hidden(tmp_path, monkeypatch):
     [
         ({"TERRADAPT_KAFKA__BOOTSTRAPP": "x"}, "fields of \\[kafka\\] are bootstrap"),
         ({"TERRADAPT_NOPE__X": "1"}, "sections are adaptation"),
-        ({"TERRADAPT_ADAPTATION__METHOD": "zzz"}, "accepted: bn, coral, .*tent"),
+        ({"TERRADAPT_ADAPTATION__METHOD": "zzz"}, "accepted: adda, bn, bn-balanced, coral, .*tent"),
     ],
 )
 def test_unknown_or_bad_env_keys_are_rejected(monkeypatch, env, message):
@@ -52,10 +52,10 @@ def test_per_region_method_from_file_and_env(tmp_path, monkeypatch):
     s = load_settings(cfg)
     assert s.adaptation.method_for("D013").method == "tent"
     assert s.adaptation.method_for("D013").method_config == {"lr": 0.0001}
-    assert s.adaptation.method_for("D067").method == "bn"
+    assert s.adaptation.method_for("D067").method == "bn-balanced"
     monkeypatch.setenv("TERRADAPT_ADAPTATION__PER_REGION", '{"D067": {"method": "eata"}}')
     assert load_settings().adaptation.method_for("D067").method == "eata"
     cfg.write_text('[adaptation.per_region.D013]\nmethod = "nope"\n')
     monkeypatch.delenv("TERRADAPT_ADAPTATION__PER_REGION")
-    with pytest.raises(ConfigError, match="accepted: bn"):
+    with pytest.raises(ConfigError, match="accepted: adda, bn"):
         load_settings(cfg)

@@ -6,7 +6,6 @@ parsed value.
 """
 
 import json
-import os
 
 import pytest
 import torch
@@ -16,28 +15,11 @@ from monitoring.detectors import KernelMMDDetector, MeanShiftDetector
 from monitoring.metrics import ServiceMetrics
 from serving.predictor import InProcessPredictor
 from stream.build import predictor_and_deployer
-from stream.config import load_settings
 from stream.observer import MetricsObserver
 from stream.pipeline import Pipeline
 from stream.scenarios import scenario
 from terradapt.records import DeadLetter, ModelVersion, TilePrediction
 from tests.fakes.world import make_rig, publish
-
-
-@pytest.fixture
-def env(monkeypatch):
-    """Set ``TERRADAPT_*`` variables (CPU always) and load the settings as a worker would."""
-
-    def load(**variables):
-        for name in [k for k in os.environ if k.startswith("TERRADAPT_")]:
-            monkeypatch.delenv(name)  # each call starts from the defaults
-        monkeypatch.setenv("TERRADAPT_RUNTIME__DEVICE", "cpu")
-        monkeypatch.setenv("TERRADAPT_ADAPTATION__DEVICE", "cpu")
-        for k, v in variables.items():
-            monkeypatch.setenv(f"TERRADAPT_{k}", v)
-        return load_settings()
-
-    return load
 
 
 def _stream(pipeline: Pipeline, objects, region, samples, start=0):
@@ -181,6 +163,54 @@ def test_gate_thresholds_decide_whether_a_version_ships(world, tmp_path, env):
     assert shipped.of(ModelVersion)[0].accepted and shipped.records("rollouts")
     assert not refused.of(ModelVersion)[0].accepted and not refused.records("rollouts")
     assert "entropy collapse" in refused.of(ModelVersion)[0].gate_reasons[0]
+
+
+@pytest.fixture(scope="module")
+def selection_rows(world):
+    """Label-free selection domains of the world's calibration tiles (two tuning shifts, the default method)."""
+    from adapters.selection_calibration import TUNING_SHIFTS, calibrate_selection
+
+    cal = world.calibration
+    domains = calibrate_selection(
+        world.model,
+        world.manifest,
+        [s.image for s in cal],
+        [s.mask for s in cal if s.mask is not None],
+        [s.region for s in cal],
+        methods=("bn-balanced",),
+        shifts={k: TUNING_SHIFTS[k] for k in ("none", "darker", "haze")},
+        tiles_per_domain=8,
+    )
+    return tuple(d.model_dump() for d in domains)
+
+
+def _with_selection(rig, rows):
+    calibration = rig.registry.calibration().model_copy(update={"selection": rows})
+    rig.registry.publish_calibration(calibration)
+    return rig
+
+
+def test_selection_settings_decide_whether_the_estimator_judges_and_how_sure_it_must_be(
+    world, tmp_path, env, selection_rows
+):
+    judged = _with_selection(make_rig(world, tmp_path / "a", env()), selection_rows)
+    strict = _with_selection(
+        make_rig(world, tmp_path / "b", env(ADAPTATION__GATE__SELECTION__MIN_GAIN="0.9")), selection_rows
+    )
+    off = _with_selection(
+        make_rig(world, tmp_path / "c", env(ADAPTATION__GATE__SELECTION__ENABLED="false")), selection_rows
+    )
+    v_judged = judged.pipeline.run_job(_job_payload(judged, world), "D013").of(ModelVersion)[0]
+    v_strict = strict.pipeline.run_job(_job_payload(strict, world), "D013").of(ModelVersion)[0]
+    v_off = off.pipeline.run_job(_job_payload(off, world), "D013").of(ModelVersion)[0]
+    assert "estimated_gain" in v_judged.gate_metrics and "estimated_gain" not in v_off.gate_metrics
+    assert v_strict.gate_metrics["estimate_margin"] == pytest.approx(0.9)
+    assert not v_strict.accepted and any("estimated mIoU change" in r for r in v_strict.gate_reasons)
+    quantile = _with_selection(
+        make_rig(world, tmp_path / "d", env(ADAPTATION__GATE__SELECTION__MARGIN_QUANTILE="1.0")), selection_rows
+    )
+    v_q = quantile.pipeline.run_job(_job_payload(quantile, world), "D013").of(ModelVersion)[0]
+    assert v_q.gate_metrics["estimate_margin"] > v_judged.gate_metrics["estimate_margin"]
 
 
 def test_adaptation_reset_policy_sends_the_adapter_back_to_source(world, tmp_path, env):
