@@ -117,7 +117,9 @@ class SelectionDomain(BaseModel):
 class SelectionConfig(StrictModel):
     """How the estimator is fitted and how sure it must be (``adaptation.gate.selection``)."""
 
-    enabled: bool = Field(default=True, description="use the estimator when the calibration holds domains")
+    enabled: bool = Field(
+        default=True, description="use the estimator (and compute its domains at registry-init / demo calibration)"
+    )
     ridge: float = Field(default=30.0, ge=0.0, description="ridge penalty on standardised features")
     margin_quantile: float = Field(
         default=0.75, ge=0.0, le=1.0, description="ship when the estimate exceeds this quantile of over-estimates"

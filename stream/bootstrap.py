@@ -68,7 +68,8 @@ def bootstrap_registry(
     """Publish the source model, calibrate it on held-out source ``images``, publish the calibration.
 
     ``selection_methods`` (with ``masks``): the adaptation methods whose label-free selection is calibrated on
-    these tiles (areas = the region part of ``tile_ids``, ``<region>/<tile>``); none: the gate's heuristics.
+    these tiles (areas = the region part of ``tile_ids``, ``<region>/<tile>``); none, or ``selection.enabled``
+    false: no selection domains are computed, and the gate's heuristics decide.
 
     Raises:
         ValueError: A calibration tile is one the source model trained on (its manifest lists them).
@@ -83,9 +84,9 @@ def bootstrap_registry(
         seed=seed,
         model_sha256=version.sha256,
     )
-    if masks is not None and selection_methods:
+    cfg = selection or SelectionConfig()
+    if masks is not None and selection_methods and cfg.enabled:
         source, manifest = registry.load(SOURCE, 0)
-        cfg = selection or SelectionConfig()
         domains = calibrate_selection(
             source,
             manifest,

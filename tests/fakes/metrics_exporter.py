@@ -64,7 +64,9 @@ def run(root: Path, metrics: ServiceMetrics, *, stream_tiles: int = 24) -> dict[
             },
             "trigger": {"min_tiles": 6},  # adapt early (6 tiles after detection): the adapted version gets labels too
             "runtime": {"device": "cpu"},
-            "adaptation": {"device": "cpu"},
+            # a 10-step model: its candidates are judged by the class-mix heuristics (this run exercises the
+            # metrics of every stage, rollouts included, not the label-free selection, which has its own tests)
+            "adaptation": {"device": "cpu", "gate": {"selection": {"enabled": False}}},
         }
     )
     sc = scenario(settings.demo)
