@@ -46,7 +46,7 @@ class _Sums:
 
     def add(self, x: torch.Tensor, w: torch.Tensor) -> None:
         xd, wd = x.double(), w.double()
-        self.w += wd.sum() * 1.0
+        self.w += wd.sum()
         self.x += (xd * wd).sum(dim=(0, 2, 3))
         self.x2 += (xd * xd * wd).sum(dim=(0, 2, 3))
 
