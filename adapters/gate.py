@@ -173,8 +173,8 @@ def judge(
             (m["tv_current_to_prior"] > config.broken_tv or covariate)
             and m["tv_candidate_to_prior"] < m["tv_current_to_prior"]
         )
-    selected = ctx.selector is not None and candidate_confidence is not None and current_confidence is not None
-    if selected and ctx.selector is not None and candidate_confidence is not None and current_confidence is not None:
+    selector = ctx.selector if candidate_confidence is not None and current_confidence is not None else None
+    if selector is not None and candidate_confidence is not None and current_confidence is not None:
         feats = selection_features(
             VersionOutputs(candidate_maps, candidate_confidence, candidate_entropy),
             VersionOutputs(current_maps, current_confidence, current_entropy),
@@ -182,7 +182,7 @@ def judge(
             reference,
             prior,
         )
-        estimate = ctx.selector.estimate(ctx.method, feats)
+        estimate = selector.estimate(ctx.method, feats)
         m |= {f"selection_{k}": v for k, v in feats.items()}
         m["estimated_gain"], m["estimate_margin"] = estimate.gain, estimate.margin
         if not estimate.ships:
@@ -191,7 +191,7 @@ def judge(
                 f"does not clear the margin {100 * estimate.margin:+.1f}"
             )
     # a big change is a repair, not a risk, when it brings the class mix toward the reference mix
-    if not selected or config.use_heuristics:
+    if selector is None or config.use_heuristics:
         if m["class_tv"] > config.max_class_tv and not toward_reference:
             reasons.append(f"class distribution jump: TV {m['class_tv']:.3f} > {config.max_class_tv}")
         if m["agreement"] < config.min_agreement and not toward_reference:
