@@ -6,7 +6,8 @@ like; a *target encoder*, initialised from it, is trained against a discriminato
 tiles cannot be told from the source encoder's features on replayed source tiles. The classifier (here the whole
 U-Net decoder and head) is never touched: it keeps working because its inputs come to look like source inputs.
 
-Encoder = the down blocks and the bottleneck (``down.*``, ``bottleneck.*``: convolutions, BatchNorm scale/shift
+Encoder = ``SegmentationModel.encoder_modules()``: the small U-Net's down blocks and bottleneck, an smp model's
+``encoder`` (convolutions, BatchNorm scale/shift
 and statistics); everything else, the decoder's BatchNorm statistics included, stays bit-identical and in eval
 mode. The target encoder's BatchNorm statistics are re-estimated on the target tiles (pooled over every pixel
 seen, ``PooledBNStats``), as the other methods do: the adversary then only has to fix what first and second
@@ -35,9 +36,7 @@ from torch.nn import functional as F  # noqa: N812
 from adapters.base import Adapter, AdapterConfig
 from adapters.common import PooledBNStats, SourceReplay
 from adapters.coral import bottleneck_pixels
-from terradapt.model import UNet
-
-ENCODER = ("down.", "bottleneck.")
+from terradapt.model import SegmentationModel
 
 
 class ADDAConfig(AdapterConfig):
@@ -51,9 +50,9 @@ class ADDAConfig(AdapterConfig):
     seed: int = 0
 
 
-def encoder_modules(model: UNet) -> list[nn.Module]:
-    """The encoder part of the U-Net: its down blocks and its bottleneck."""
-    return [*model.down, model.bottleneck]
+def encoder_modules(model: SegmentationModel) -> list[nn.Module]:
+    """The encoder part of the network (the small U-Net's down blocks and bottleneck; an smp model's encoder)."""
+    return model.encoder_modules()
 
 
 class ADDA(Adapter):
@@ -64,14 +63,14 @@ class ADDA(Adapter):
     config: ADDAConfig
     source_replay = "required"
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         if self.source_tiles is None:  # checked in Adapter.__init__; narrows the type
             raise ValueError("adda needs source_tiles")
         cfg = self.config
         self.replay = SourceReplay(self.source_tiles, self.name, cfg.seed)
         # the frozen source encoder (configure runs on source weights: at start and after every reset)
         self.source_net = copy.deepcopy(model).eval().requires_grad_(False)
-        width = model.config.base_channels * 2**model.config.depth
+        width = model.feature_dim
         with torch.random.fork_rng(devices=[]):  # seeded discriminator without touching the global RNG
             torch.manual_seed(cfg.seed)
             self.critic = nn.Sequential(
@@ -99,7 +98,9 @@ class ADDA(Adapter):
             m.train()
 
     def changed_names(self) -> set[str]:
-        return {k for k in self.model.state_dict() if k.startswith(ENCODER)}
+        encoder = [id(m) for m in encoder_modules(self.model)]
+        prefixes = tuple(f"{name}." for name, m in self.model.named_modules() if id(m) in encoder)
+        return {k for k in self.model.state_dict() if k.startswith(prefixes)}
 
     def adapt_step(self, batch: torch.Tensor) -> None:
         self._encoder_train_mode()

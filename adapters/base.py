@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from adapters.common import MissingSourceTilesError
-from terradapt.model import UNet
+from adapters.common import MethodNotApplicableError, MissingSourceTilesError
+from terradapt.model import SegmentationModel, bn_layers
 from terradapt.settings import StrictModel
 
 
@@ -35,10 +35,13 @@ class Adapter(ABC):
     #: constructor, and ``create_adapter(..., source_tiles=...)`` passes it on; "required" ones refuse to start
     #: without it. Tiles are data, not configuration, so they never go through the (serialisable) config.
     source_replay: ClassVar[Literal["none", "optional", "required"]] = "none"
+    #: Whether the method only acts on BatchNorm statistics (re-estimation): it refuses a model without any
+    #: (GroupNorm/LayerNorm networks adapt with the entropy methods, which train those layers' affines).
+    needs_batchnorm: ClassVar[bool] = False
 
     def __init__(
         self,
-        model: UNet,
+        model: SegmentationModel,
         config: AdapterConfig | None = None,
         *,
         source_tiles: torch.Tensor | None = None,
@@ -49,6 +52,11 @@ class Adapter(ABC):
         if source_tiles is None and self.source_replay == "required":
             raise MissingSourceTilesError(
                 f"method {self.name!r} replays source tiles: pass source_tiles=(N, C, H, W) tensor, N >= 1"
+            )
+        if self.needs_batchnorm and not bn_layers(model):
+            raise MethodNotApplicableError(
+                f"method {self.name!r} re-estimates BatchNorm statistics and the model has no BatchNorm layer; "
+                "use an entropy method (tent, eata, sar), which trains GroupNorm/LayerNorm affines"
             )
         self.source_tiles = source_tiles
         k = model.config.num_classes
@@ -62,7 +70,7 @@ class Adapter(ABC):
         self.configure(self.model)
 
     @abstractmethod
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         """Put the model in the mode the method needs (which layers train, which use batch statistics)."""
 
     @abstractmethod
@@ -73,7 +81,7 @@ class Adapter(ABC):
     def adapt_step(self, batch: torch.Tensor) -> None:
         """Adapt on one batch of target tiles."""
 
-    def adapt(self, batches: Iterable[torch.Tensor]) -> UNet:
+    def adapt(self, batches: Iterable[torch.Tensor]) -> SegmentationModel:
         """Adapt on every batch in order and return the adapted model in eval mode."""
         device = next(self.model.parameters()).device
         for batch in batches:

@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from adapters.base import Adapter, AdapterConfig
-from terradapt.model import UNet, bn_layers
+from terradapt.model import SegmentationModel, bn_layers
 
 
 class BNAdaptConfig(AdapterConfig):
@@ -27,10 +27,11 @@ class BNAdapt(Adapter):
     """Re-estimate BatchNorm running mean/var on target tiles, blended with the source statistics."""
 
     name = "bn"
+    needs_batchnorm = True
     config_class = BNAdaptConfig
     config: BNAdaptConfig
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         model.eval()
         self._seen = 0
         self._sums: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

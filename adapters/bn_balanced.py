@@ -26,7 +26,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from adapters.base import Adapter, AdapterConfig
 from adapters.common import BN_STATS
-from terradapt.model import UNet, bn_layers
+from terradapt.model import SegmentationModel, bn_layers
 
 
 class BalancedBNConfig(AdapterConfig):
@@ -60,10 +60,11 @@ class BalancedBN(Adapter):
     """Re-estimate BatchNorm statistics on target tiles with pixels re-weighted to the source class mix."""
 
     name = "bn-balanced"
+    needs_batchnorm = True
     config_class = BalancedBNConfig
     config: BalancedBNConfig
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         model.eval()
         self._done: list[list[_Sums]] = []  # one list of per-layer sums per finished batch
         self._shares = torch.zeros(model.config.num_classes, dtype=torch.float64)

@@ -14,9 +14,15 @@ import torch
 from torch import nn
 
 from terradapt.errors import TerradaptError
-from terradapt.model import UNet
+from terradapt.model import NORM_TYPES, SegmentationModel, norm_layers
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class MethodNotApplicableError(TerradaptError, ValueError):
+    """The method needs a layer type the model does not have (BatchNorm re-estimation on a GroupNorm model)."""
+
+    reason = "method_not_applicable"
 
 
 class MissingSourceTilesError(TerradaptError, ValueError):
@@ -26,30 +32,35 @@ class MissingSourceTilesError(TerradaptError, ValueError):
 
 
 def bn_names(model: nn.Module, *, affine: bool = True) -> set[str]:
-    """``state_dict`` names of every BatchNorm's statistics (and its scale/shift when ``affine``)."""
+    """``state_dict`` names of every BatchNorm's statistics and (``affine``) every normalisation layer's scale/shift.
+
+    The affine set is what ``configure_bn_training`` trains: BatchNorm, GroupNorm and LayerNorm parameters.
+    """
     names: set[str] = set()
     for mod_name, mod in model.named_modules():
         if isinstance(mod, nn.BatchNorm2d):
             names |= {f"{mod_name}.{s}" for s in BN_STATS}
-            if affine:
-                names |= {f"{mod_name}.weight", f"{mod_name}.bias"}
+        if affine and isinstance(mod, NORM_TYPES):
+            names |= {f"{mod_name}.{p}" for p, _ in mod.named_parameters(recurse=False)}
     return names
 
 
 def configure_bn_training(model: nn.Module) -> list[nn.Parameter]:
-    """Train mode, gradients only on BatchNorm scale/shift, running stats as a cumulative target average.
+    """Train mode, gradients only on normalisation scale/shift, BatchNorm running stats as a cumulative average.
 
-    Returns the trainable parameters. Batch statistics over all pixels of even one 64 px tile are stable enough
-    for segmentation, which is why batch size 1 works here where it fails for classification.
+    Returns the trainable parameters: the affine parameters of every BatchNorm, GroupNorm and LayerNorm (models
+    without BatchNorm still adapt through their GroupNorm/LayerNorm affines). Batch statistics over all pixels of
+    even one 64 px tile are stable enough for segmentation, which is why batch size 1 works here where it fails for
+    classification.
     """
     model.train()
     model.requires_grad_(False)
     params: list[nn.Parameter] = []
-    for m in model.modules():
+    for m in norm_layers(model):
+        m.requires_grad_(True)
         if isinstance(m, nn.BatchNorm2d):
-            m.requires_grad_(True)
             m.momentum = None
-            params += [p for p in (m.weight, m.bias) if p is not None]
+        params += list(m.parameters(recurse=False))
     return params
 
 
@@ -79,7 +90,7 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
             m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
 
 
-def flip_averaged_probs(model: UNet, batch: torch.Tensor) -> torch.Tensor:
+def flip_averaged_probs(model: SegmentationModel, batch: torch.Tensor) -> torch.Tensor:
     """Softmax averaged over identity, horizontal and vertical flips (each flipped back): stabler pseudo-labels."""
     probs = model(batch).softmax(dim=1)
     for dim in (-1, -2):

@@ -23,7 +23,7 @@ from adapters.common import (
     frozen_running_stats,
 )
 from adapters.pooled import PooledBNAdapter
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 
 class CoralConfig(AdapterConfig):
@@ -34,15 +34,12 @@ class CoralConfig(AdapterConfig):
     seed: int = 0
 
 
-def bottleneck_pixels(model: UNet, batch: torch.Tensor) -> torch.Tensor:
-    """Bottleneck activations of a batch as (pixels, channels) samples."""
-    out: list[torch.Tensor] = []
-    handle = model.bottleneck.register_forward_hook(lambda _m, _i, o: out.append(o))
-    try:
-        model(batch)
-    finally:
-        handle.remove()
-    z = out[0]
+def bottleneck_pixels(model: SegmentationModel, batch: torch.Tensor) -> torch.Tensor:
+    """Deep-feature activations of a batch as (pixels, channels) samples.
+
+    The model's feature layer: the small U-Net's bottleneck, an smp encoder's deepest stage.
+    """
+    z = model.forward_feature_map(batch)[1]
     return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
 
 
@@ -60,7 +57,7 @@ class DeepCoral(PooledBNAdapter):
     config: CoralConfig
     source_replay = "required"
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         if self.source_tiles is None:  # checked in Adapter.__init__; narrows the type
             raise ValueError("coral needs source_tiles")
         self.replay = SourceReplay(self.source_tiles, self.name, self.config.seed)

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from adapters.base import Adapter, AdapterConfig
 from adapters.common import BN_STATS, PooledBNStats, flip_averaged_probs, restart_running_stats
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 
 class CoTTAConfig(AdapterConfig):
@@ -37,7 +37,7 @@ class CoTTA(Adapter):
     config_class = CoTTAConfig
     config: CoTTAConfig
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         model.train()
         model.requires_grad_(False)  # the teacher (deployed model) only moves by EMA
         for m in model.modules():

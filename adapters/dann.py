@@ -2,8 +2,8 @@
 
 Why: CORAL matches only covariances; an adversary can find any difference between source and target features
 that a small classifier can see. A domain classifier (two linear layers) learns to tell source from target on
-the pooled bottleneck features (``UNet.forward_features``); a gradient-reversal layer sends the *opposite* of its
-gradient into the network, so the network's BatchNorm scale/shift move to make the domains indistinguishable.
+the pooled deep features (``SegmentationModel.forward_features``); a gradient-reversal layer sends the *opposite*
+of its gradient into the network, so the network's BatchNorm scale/shift move to make the domains indistinguishable.
 Source tiles pass through with their own batch statistics and do not enter the target running statistics.
 The domain classifier is adapter state (``state_dict``), not part of the deployed model.
 """
@@ -25,7 +25,7 @@ from adapters.common import (
     frozen_running_stats,
 )
 from adapters.pooled import PooledBNAdapter
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 
 class DANNConfig(AdapterConfig):
@@ -57,11 +57,11 @@ class DANN(PooledBNAdapter):
     config: DANNConfig
     source_replay = "required"
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         if self.source_tiles is None:  # checked in Adapter.__init__; narrows the type
             raise ValueError("dann needs source_tiles")
         self.replay = SourceReplay(self.source_tiles, self.name, self.config.seed)
-        width = model.config.base_channels * 2**model.config.depth
+        width = model.feature_dim
         with torch.random.fork_rng(devices=[]):  # seeded critic without touching the global RNG
             torch.manual_seed(self.config.seed)
             hidden = self.config.hidden

@@ -26,7 +26,7 @@ from adapters.common import (
 )
 from adapters.pooled import PooledBNAdapter
 from terradapt.metrics import pixel_entropy
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 
 class EATAConfig(AdapterConfig):
@@ -46,7 +46,7 @@ class EATA(PooledBNAdapter):
     config: EATAConfig
     source_replay = "optional"
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         self.params = configure_bn_training(model)
         self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self.named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -57,7 +57,7 @@ class EATA(PooledBNAdapter):
         self._fresh = True
         self._mean_prob: torch.Tensor | None = None
 
-    def _fisher(self, model: UNet) -> dict[str, torch.Tensor]:
+    def _fisher(self, model: SegmentationModel) -> dict[str, torch.Tensor]:
         if self.source_tiles is None:
             return {n: torch.ones_like(p) for n, p in self.named.items()}
         fisher = {n: torch.zeros_like(p) for n, p in self.named.items()}

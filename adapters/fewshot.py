@@ -50,7 +50,7 @@ from terradapt.checkpoint import ModelManifest, encode
 from terradapt.classes import IGNORE_INDEX
 from terradapt.errors import TerradaptError
 from terradapt.metrics import confusion_matrix, miou
-from terradapt.model import UNet, bn_layers, select_device
+from terradapt.model import SegmentationModel, bn_layers, select_device
 from terradapt.records import AdaptationJob, DriftEvent
 from terradapt.settings import StrictModel
 
@@ -129,7 +129,7 @@ def _crops(
 
 
 @torch.no_grad()
-def reestimate_bn(model: UNet, tiles: Sequence[torch.Tensor], weight: float, batch_size: int = 4) -> None:
+def reestimate_bn(model: SegmentationModel, tiles: Sequence[torch.Tensor], weight: float, batch_size: int = 4) -> None:
     """Blend every BatchNorm's running statistics toward those pooled over ``tiles`` (each (C, H, W)).
 
     ``weight`` 1 takes the target statistics, 0 keeps the source's. Tiles of equal size are forwarded together;
@@ -177,14 +177,14 @@ def l2sp_distance(model: nn.Module, anchor: nn.Module) -> torch.Tensor:
 
 
 def few_shot_adapt(
-    source: UNet,
+    source: SegmentationModel,
     images: Sequence[Array],
     masks: Sequence[Array],
     unlabelled: torch.Tensor | Sequence[torch.Tensor] | None,
     config: FewShotConfig,
     seed: int = 0,
     device: str = "cpu",
-) -> UNet:
+) -> SegmentationModel:
     """Fine-tune a copy of ``source`` on labelled tiles, anchored to the source weights (L2-SP).
 
     Args:
@@ -301,7 +301,7 @@ def rollout_tiles(unlabelled: Sequence[BufferedTile], labelled: Sequence[Buffere
 
 
 @torch.no_grad()
-def _confusion(model: UNet, tiles: Sequence[BufferedTile], device: torch.device) -> npt.NDArray[np.int64]:
+def _confusion(model: SegmentationModel, tiles: Sequence[BufferedTile], device: torch.device) -> npt.NDArray[np.int64]:
     k = model.config.num_classes
     cm = np.zeros((k, k), dtype=np.int64)
     model = model.to(device).eval()
@@ -319,13 +319,13 @@ def _images(tiles: Sequence[BufferedTile]) -> list[torch.Tensor]:
 
 def run_few_shot(
     job: AdaptationJob,
-    source: UNet,
+    source: SegmentationModel,
     source_manifest: ModelManifest,
     labelled: Sequence[BufferedTile],
     unlabelled: Sequence[BufferedTile],
     config: FewShotConfig,
     *,
-    current: UNet | None = None,
+    current: SegmentationModel | None = None,
     current_labels: Collection[str] = (),
     device: str = "auto",
 ) -> AdaptationOutcome:

@@ -39,7 +39,7 @@ from pydantic import Field
 from adapters.selection import SelectionConfig, Selector, VersionOutputs, selection_features
 from terradapt.classes import IGNORE_INDEX
 from terradapt.metrics import confusion_matrix, miou, pixel_entropy, total_variation
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 from terradapt.settings import StrictModel
 
 
@@ -93,7 +93,9 @@ class GateResult:
 
 
 @torch.no_grad()
-def _predict(model: UNet, tiles: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _predict(
+    model: SegmentationModel, tiles: torch.Tensor, batch: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class maps, per-tile mean entropies and mean confidences."""
     model.eval()
     maps, ents, confs = [], [], []
@@ -216,8 +218,8 @@ class Gate:
 
     def check(
         self,
-        candidate: UNet,
-        current: UNet,
+        candidate: SegmentationModel,
+        current: SegmentationModel,
         tiles: torch.Tensor,
         context: GateContext | None = None,
         masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,

@@ -35,14 +35,14 @@ from monitoring.label_shift import BBSE
 from monitoring.monitor import RegionMonitor
 from terradapt.checkpoint import ModelManifest, encode
 from terradapt.metrics import total_variation
-from terradapt.model import UNet, select_device
+from terradapt.model import SegmentationModel, select_device
 from terradapt.records import AdaptationJob
 
 log = logging.getLogger(__name__)
 
 
 def source_features(
-    source: UNet, tiles: Sequence[BufferedTile], device: str = "auto", batch: int = 4
+    source: SegmentationModel, tiles: Sequence[BufferedTile], device: str = "auto", batch: int = 4
 ) -> list[TileFeatures]:
     """The source model's features of the job's tiles (what the source-calibrated monitor and BBSE read)."""
     dev = select_device(device)
@@ -94,7 +94,7 @@ def _context(
 def gate_context(
     job: AdaptationJob,
     tiles: Sequence[BufferedTile],
-    source: UNet,
+    source: SegmentationModel,
     source_manifest: ModelManifest,
     confusion: np.ndarray | None,
     device: str = "auto",
@@ -116,13 +116,13 @@ def gate_context(
 def adapt_or_reset(
     job: AdaptationJob,
     tiles: Sequence[BufferedTile],
-    source: UNet,
+    source: SegmentationModel,
     source_manifest: ModelManifest,
     config: AdaptationConfig,
     *,
     new_monitor: Callable[[], RegionMonitor],
     confusion: np.ndarray | None = None,
-    current: UNet | None = None,
+    current: SegmentationModel | None = None,
     selector: Selector | None = None,
 ) -> AdaptationOutcome:
     """The version one job makes: the source model adapted on ``tiles``, or the source weights again.
@@ -155,7 +155,7 @@ def adapt_or_reset(
 class AdaptationOutcome:
     """The candidate version (weights + manifest, gate decision inside), the gate result and what it judged with."""
 
-    model: UNet
+    model: SegmentationModel
     weights: bytes
     manifest: ModelManifest
     gate: GateResult
@@ -172,14 +172,14 @@ def _batches(tiles: torch.Tensor, batch_size: int, epochs: int, seed: int) -> It
 
 def run_adaptation(
     job: AdaptationJob,
-    base: UNet,
+    base: SegmentationModel,
     base_manifest: ModelManifest,
     tiles: Sequence[BufferedTile],
     config: AdaptationConfig,
     *,
     context: GateContext | None = None,
     source_tiles: torch.Tensor | None = None,
-    current: UNet | None = None,
+    current: SegmentationModel | None = None,
 ) -> AdaptationOutcome:
     """Adapt ``base`` on ``tiles`` with the method ``config`` names for the job's region, gate it, build its manifest.
 
@@ -238,7 +238,7 @@ def run_adaptation(
 
 def reset_to_source(
     job: AdaptationJob,
-    source: UNet,
+    source: SegmentationModel,
     source_manifest: ModelManifest,
     tiles: Sequence[BufferedTile],
     context: GateContext | None = None,
@@ -268,7 +268,7 @@ def reset_to_source(
 
 
 # -- in-job reset policy -----------------------------------------------------------------------------------------
-def _shares(model: UNet, batch: torch.Tensor) -> torch.Tensor:
+def _shares(model: SegmentationModel, batch: torch.Tensor) -> torch.Tensor:
     was_training = model.training
     model.eval()
     counts = torch.bincount(model(batch).argmax(dim=1).flatten(), minlength=model.config.num_classes).float()
@@ -277,7 +277,9 @@ def _shares(model: UNet, batch: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_drift(adapted: UNet, source: UNet, batch: torch.Tensor, reference: torch.Tensor) -> float:
+def class_drift(
+    adapted: SegmentationModel, source: SegmentationModel, batch: torch.Tensor, reference: torch.Tensor
+) -> float:
     """How much farther (total variation) the adapted model's class mix is from ``reference`` than the source's.
 
     Positive when adaptation moved the predictions *away* from the expected mix (collapse onto a few classes),
@@ -322,8 +324,12 @@ class ResetPolicy:
 
 
 def adapt_with_resets(
-    adapter: Adapter, batches: Iterable[torch.Tensor], policy: ResetPolicy, source: UNet, reference: torch.Tensor
-) -> UNet:
+    adapter: Adapter,
+    batches: Iterable[torch.Tensor],
+    policy: ResetPolicy,
+    source: SegmentationModel,
+    reference: torch.Tensor,
+) -> SegmentationModel:
     """``adapter.adapt`` with the policy consulted after every batch (signal: ``class_drift``)."""
     device = next(adapter.model.parameters()).device
     source = source.to(device)

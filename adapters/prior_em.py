@@ -17,7 +17,7 @@ from pydantic import Field
 
 from adapters.base import Adapter, AdapterConfig
 from monitoring.label_shift import MLLSConfig, mlls
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 
 class PriorEMConfig(AdapterConfig):
@@ -35,18 +35,20 @@ class PriorEM(Adapter):
     config_class = PriorEMConfig
     config: PriorEMConfig
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         model.eval()
-        self._bias0 = model.head.bias.detach().clone() if model.head.bias is not None else None
+        head = model.classifier()
+        self._bias0 = head.bias.detach().clone() if head.bias is not None else None
         self._samples: list[np.ndarray] = []
         self._rng = torch.Generator().manual_seed(self.config.seed)
 
     def changed_names(self) -> set[str]:
-        return {"head.bias"}
+        head = self.model.classifier()
+        return {f"{name}.bias" for name, m in self.model.named_modules() if m is head}
 
     @torch.no_grad()
     def adapt_step(self, batch: torch.Tensor) -> None:
-        head = self.model.head
+        head = self.model.classifier()
         if head.bias is None or self._bias0 is None:
             return
         head.bias.copy_(self._bias0)  # posteriors of the uncorrected model

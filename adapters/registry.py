@@ -20,7 +20,7 @@ from adapters.sar import SAR
 from adapters.self_training import SelfTraining
 from adapters.tent import Tent
 from terradapt.errors import UnknownNameError
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 _ADAPTERS: dict[str, type[Adapter]] = {
     cls.name: cls for cls in (BNAdapt, BalancedBN, PriorEM, Tent, EATA, SAR, CoTTA, SelfTraining, DeepCoral, DANN, ADDA)
@@ -42,7 +42,7 @@ def adapter_class(name: str) -> type[Adapter]:
 
 def create_adapter(
     name: str,
-    model: UNet,
+    model: SegmentationModel,
     config: dict[str, Any] | BaseModel | None = None,
     *,
     source_tiles: torch.Tensor | None = None,

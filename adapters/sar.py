@@ -25,7 +25,7 @@ from adapters.common import (
     restart_running_stats,
 )
 from terradapt.metrics import pixel_entropy
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 
 class SARConfig(AdapterConfig):
@@ -45,7 +45,7 @@ class SAR(Adapter):
     config_class = SARConfig
     config: SARConfig
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         self.params = configure_bn_training(model)
         self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self.optimizer = torch.optim.SGD(self.params, lr=self.config.lr, momentum=0.9)

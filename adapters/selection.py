@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from terradapt.metrics import pixel_entropy, total_variation
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 from terradapt.settings import StrictModel
 
 FEATURES = (
@@ -88,7 +88,7 @@ def selection_features(
 
 
 @torch.no_grad()
-def version_outputs(model: UNet, tiles: torch.Tensor, batch: int = 4) -> VersionOutputs:
+def version_outputs(model: SegmentationModel, tiles: torch.Tensor, batch: int = 4) -> VersionOutputs:
     """Class maps, mean confidence and mean entropy per tile of a model (eval mode)."""
     model.eval()
     maps: list[npt.NDArray[np.integer]] = []

@@ -12,20 +12,23 @@ families and other areas (bench/selection.py says which), so the estimator is ne
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from adapters.registry import create_adapter
+from adapters.registry import adapter_class, create_adapter
 from adapters.selection import SelectionDomain, VersionOutputs, class_shares, selection_features, version_outputs
 from monitoring.label_shift import BBSE
 from terradapt.augment import gaussian_blur
 from terradapt.checkpoint import ModelManifest
 from terradapt.classes import IGNORE_INDEX
 from terradapt.metrics import confusion_matrix, miou
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel, bn_layers
+
+log = logging.getLogger(__name__)
 
 Shift = Callable[[npt.NDArray[np.uint8], np.random.Generator], npt.NDArray[np.uint8]]
 
@@ -108,7 +111,7 @@ def _miou(outputs: VersionOutputs, masks: Sequence[npt.NDArray[np.uint8]], k: in
 
 
 def calibrate_selection(
-    source: UNet,
+    source: SegmentationModel,
     manifest: ModelManifest,
     images: Sequence[npt.NDArray[np.uint8]],
     masks: Sequence[npt.NDArray[np.uint8]],
@@ -137,6 +140,11 @@ def calibrate_selection(
     if not len(images) == len(masks) == len(areas) or len(images) < 4:
         raise ValueError(f"need >= 4 labelled tiles with areas, got {len(images)}/{len(masks)}/{len(areas)}")
     rng = np.random.default_rng(seed)
+    if not bn_layers(source):  # BatchNorm re-estimation has nothing to act on: such a method never runs here
+        skipped = [m for m in methods if adapter_class(m).needs_batchnorm]
+        if skipped:
+            log.warning("selection not calibrated for %s: the model has no BatchNorm layers", ", ".join(skipped))
+        methods = [m for m in methods if m not in skipped]
     if crop is not None:
         images = [_centre(im, crop) for im in images]
         masks = [_centre(m, crop) for m in masks]

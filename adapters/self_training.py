@@ -24,7 +24,7 @@ from adapters.common import (
     flip_averaged_probs,
 )
 from adapters.pooled import PooledBNAdapter
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 IGNORE = -1
 
@@ -61,7 +61,7 @@ class SelfTraining(PooledBNAdapter):
     config_class = SelfTrainingConfig
     config: SelfTrainingConfig
 
-    def configure(self, model: UNet) -> None:
+    def configure(self, model: SegmentationModel) -> None:
         self.optimizer = torch.optim.Adam(configure_bn_training(model), lr=self.config.lr)
         self.pooled = PooledBNStats(model, replaces=getattr(self, "pooled", None))
         self._fresh = True

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from adapters.base import Adapter, AdapterConfig
+from adapters.common import bn_names, configure_bn_training, restart_running_stats
 from terradapt.metrics import pixel_entropy
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 
 
 class TentConfig(AdapterConfig):
@@ -33,32 +33,20 @@ class Tent(Adapter):
     config_class = TentConfig
     config: TentConfig
 
-    def configure(self, model: UNet) -> None:
-        model.train()
-        model.requires_grad_(False)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.requires_grad_(True)
-                m.momentum = None  # running stats = cumulative average over the adaptation stream
+    def configure(self, model: SegmentationModel) -> None:
+        # normalisation affines train (BatchNorm, GroupNorm, LayerNorm); BatchNorm running stats = cumulative
+        # average over the adaptation stream
+        params = configure_bn_training(model)
         self._fresh = True  # source running stats are replaced on the first target batch
-        self.optimizer = torch.optim.Adam(
-            [p for p in model.parameters() if p.requires_grad], lr=self.config.lr, betas=(0.9, 0.999)
-        )
+        self.optimizer = torch.optim.Adam(params, lr=self.config.lr, betas=(0.9, 0.999))
 
     def changed_names(self) -> set[str]:
-        names = set()
-        for mod_name, mod in self.model.named_modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                names |= {f"{mod_name}.{s}" for s in ("weight", "bias", "running_mean", "running_var")}
-                names.add(f"{mod_name}.num_batches_tracked")
-        return names
+        return bn_names(self.model)
 
     def adapt_step(self, batch: torch.Tensor) -> None:
         self.model.train()
         if self._fresh:
-            for m in self.model.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.reset_running_stats()
+            restart_running_stats(self.model)
             self._fresh = False
         for _ in range(self.config.steps):
             loss = pixel_entropy(self.model(batch)).mean()

@@ -56,7 +56,7 @@ from terradapt.datasets.base import Sample
 from terradapt.datasets.synthetic import SyntheticDataset
 from terradapt.errors import InvalidTileError
 from terradapt.metrics import total_variation
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 from terradapt.raster import RasterSpec
 from terradapt.training import evaluate
 
@@ -145,11 +145,11 @@ def tensor(samples: list[Sample]) -> torch.Tensor:
     return torch.from_numpy(np.stack([s.image for s in samples])).float()
 
 
-def score(model: UNet, samples: list[Sample]) -> float:
+def score(model: SegmentationModel, samples: list[Sample]) -> float:
     return evaluate(model, [s.image for s in samples], [s.mask for s in samples if s.mask is not None]).miou
 
 
-def oracle(model: UNet, samples: list[Sample], steps: int, seed: int) -> UNet:
+def oracle(model: SegmentationModel, samples: list[Sample], steps: int, seed: int) -> SegmentationModel:
     """Fine-tune every weight on the stream tiles with their labels (an upper reference, not a method)."""
     torch.manual_seed(seed)
     m = copy.deepcopy(model).train()
@@ -166,7 +166,7 @@ def oracle(model: UNet, samples: list[Sample], steps: int, seed: int) -> UNet:
 
 
 @torch.no_grad()
-def inference_seconds(model: UNet, x: torch.Tensor, batch: int) -> float:
+def inference_seconds(model: SegmentationModel, x: torch.Tensor, batch: int) -> float:
     model.eval()
     t = time.perf_counter()
     for i in range(0, len(x), batch):
@@ -192,7 +192,7 @@ def policy_config(cfg: Settings, mode: Mode, batch: int, name: str) -> Settings:
 
 
 def run_policy(
-    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: Settings
+    sc: Scenario, model: SegmentationModel, manifest: ModelManifest, cfg: Settings
 ) -> dict[str, tuple[float, float, str]]:
     """The whole system on every target's stream: region -> (deployed mIoU, seconds per tile, what happened)."""
     t = time.perf_counter()
@@ -206,7 +206,7 @@ def run_policy(
 
 
 @torch.no_grad()
-def _pixels(model: UNet, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
+def _pixels(model: SegmentationModel, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]:
     """(predicted, true) labels of every labelled pixel."""
     model.eval()
     pred = np.concatenate([model(tensor([s])).argmax(dim=1).numpy().ravel() for s in samples])
@@ -215,7 +215,7 @@ def _pixels(model: UNet, samples: list[Sample]) -> tuple[np.ndarray, np.ndarray]
     return pred[keep], true[keep]
 
 
-def label_shift_errors(sc: Scenario, model: UNet) -> dict[str, tuple[float, float, float]]:
+def label_shift_errors(sc: Scenario, model: SegmentationModel) -> dict[str, tuple[float, float, float]]:
     """Per region, total variation to the stream's true class mix of: the source prior, the source model's
     predicted shares, and the BBSE estimate (confusion matrix from the labelled calibration tiles)."""
     k = model.config.num_classes
@@ -235,7 +235,13 @@ def label_shift_errors(sc: Scenario, model: UNet) -> dict[str, tuple[float, floa
 
 
 def run_scenario(
-    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: Settings, mode: Mode, seed: int, batches: list[int]
+    sc: Scenario,
+    model: SegmentationModel,
+    manifest: ModelManifest,
+    cfg: Settings,
+    mode: Mode,
+    seed: int,
+    batches: list[int],
 ) -> list[RegionResult]:
     """Every method at every batch size on every target region of a scenario, then the system's policy."""
     rows: list[RegionResult] = []
@@ -274,7 +280,7 @@ def run_scenario(
 
 
 def long_stream(
-    sc: Scenario, model: UNet, manifest: ModelManifest, cfg: Settings, mode: Mode, seed: int
+    sc: Scenario, model: SegmentationModel, manifest: ModelManifest, cfg: Settings, mode: Mode, seed: int
 ) -> dict[str, list[float]]:
     """Window mIoU (one window per target segment) over ``cycles`` passes through every target, batch 4.
 

@@ -42,7 +42,7 @@ from stream.scenarios import Scenario, stream_item
 from terradapt.checkpoint import ModelManifest, load_checkpoint, save_checkpoint
 from terradapt.classes import IGNORE_INDEX
 from terradapt.datasets.base import Sample
-from terradapt.model import UNet, UNetConfig
+from terradapt.model import SegmentationModel, UNetConfig
 from terradapt.training import TrainConfig, train_source_checkpoint
 
 
@@ -96,7 +96,7 @@ def label_free_methods() -> list[str]:
 
 
 @torch.no_grad()
-def source_bbse(model: UNet, calibration: Sequence[Sample]) -> BBSE:
+def source_bbse(model: SegmentationModel, calibration: Sequence[Sample]) -> BBSE:
     """BBSE with the source confusion matrix of the labelled calibration tiles (what the system's jobs use)."""
     k = model.config.num_classes
     outs = version_outputs(model, tensor(calibration))
@@ -106,7 +106,7 @@ def source_bbse(model: UNet, calibration: Sequence[Sample]) -> BBSE:
     return BBSE.from_labels(true[keep], pred[keep], k)
 
 
-def oracle(model: UNet, stream: Sequence[Sample], mode: Mode, seed: int) -> UNet:
+def oracle(model: SegmentationModel, stream: Sequence[Sample], mode: Mode, seed: int) -> SegmentationModel:
     """The labelled upper reference: the source model fine-tuned with *every* stream tile's label.
 
     The few-shot procedure (``adapters.fewshot.few_shot_adapt``) with K = all the stream: BatchNorm statistics
@@ -121,7 +121,7 @@ def oracle(model: UNet, stream: Sequence[Sample], mode: Mode, seed: int) -> UNet
 def evaluate_domain(
     domain: Domain,
     sc: Scenario,
-    model: UNet,
+    model: SegmentationModel,
     manifest: ModelManifest,
     selector: Selector,
     bbse: BBSE,
@@ -158,7 +158,7 @@ def evaluate_domain(
 
 def run_system(
     sc: Scenario,
-    model: UNet,
+    model: SegmentationModel,
     manifest: ModelManifest,
     cfg: Settings,
     mode: Mode,
@@ -186,7 +186,7 @@ class FewShot:
     shots: dict[str, dict[int, float]] = field(default_factory=dict)
 
 
-def protocol_models(erm: UNet, sc: Scenario, mode: Mode, seed: int) -> dict[str, UNet]:
+def protocol_models(erm: SegmentationModel, sc: Scenario, mode: Mode, seed: int) -> dict[str, SegmentationModel]:
     """The source model of every protocol in ``PROTOCOLS`` on the same tiles (ERM: the cached source model).
 
     The others are trained here with their default configs (the source regions as domains) and cached under
@@ -227,7 +227,7 @@ def few_shot_curve(
     sc: Scenario,
     domains: Sequence[Domain],
     every: Sequence[Domain],
-    models: dict[str, UNet],
+    models: dict[str, SegmentationModel],
     mode: Mode,
     seed: int,
 ) -> FewShot:
@@ -276,7 +276,9 @@ class LongStream:
     system: list[float]
 
 
-def long_stream(sc: Scenario, model: UNet, manifest: ModelManifest, cfg: Settings, mode: Mode) -> LongStream:
+def long_stream(
+    sc: Scenario, model: SegmentationModel, manifest: ModelManifest, cfg: Settings, mode: Mode
+) -> LongStream:
     """``cycles`` passes through every domain as one region's acquisitions (as bench/adaptation.py, system only)."""
     order = [r for _ in range(mode.cycles) for r in sc.streams]
     base = {r: adaptation.score(model, sc.held_out[r]) for r in sc.streams}
@@ -337,7 +339,7 @@ class Stopwatch:
 def run_block(
     sc: Scenario,
     domains: Sequence[Domain],
-    model: UNet,
+    model: SegmentationModel,
     manifest: ModelManifest,
     cfg: Settings,
     mode: Mode,

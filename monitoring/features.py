@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from terradapt.metrics import pixel_entropy
-from terradapt.model import UNet, bn_layers
+from terradapt.model import SegmentationModel, bn_layers
 from terradapt.records import FeatureStats
 
 
@@ -115,6 +115,8 @@ class _BNRecorder:
         if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or bn.running_var is None:
             return
         x = inputs[0]
+        if x[0, 0].numel() < 2:  # image-pooling branches (1 x 1 maps) have no spatial statistics per tile
+            return
         mu = x.mean(dim=(2, 3))
         var = x.var(dim=(2, 3), unbiased=False)
         run_var = bn.running_var.clamp_min(1e-5)
@@ -138,7 +140,9 @@ def band_statistics(
 
 
 @torch.no_grad()
-def forward_with_features(model: UNet, batch: torch.Tensor, images: npt.NDArray[np.generic]) -> ForwardResult:
+def forward_with_features(
+    model: SegmentationModel, batch: torch.Tensor, images: npt.NDArray[np.generic]
+) -> ForwardResult:
     """Run the model once on ``batch`` (N, C, H, W float) and compute every tile's features.
 
     Args:

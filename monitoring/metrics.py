@@ -66,8 +66,15 @@ DEAD_LETTER_REASONS: Final = (
     "torchserve_auth",
     "torchserve_conflict",
     "packaging_failed",
-    # adaptation errors (adapters.common: a source-replay method started without source tiles)
+    # adaptation errors (adapters.common: a source-replay method started without source tiles, a BatchNorm method
+    # on a model without BatchNorm)
     "missing_source_tiles",
+    "method_not_applicable",
+    # models (terradapt.architectures, terradapt.importing: a manifest naming an architecture that cannot be built,
+    # a user checkpoint that does not match or needs code to unpickle)
+    "bad_architecture",
+    "checkpoint_mismatch",
+    "unsafe_checkpoint",
     # few-shot adaptation (adapters.fewshot: a few-shot job with fewer labelled tiles than it needs)
     "too_few_labels",
     # pipeline errors (stream.pipeline, monitoring.calibration)

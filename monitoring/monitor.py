@@ -172,6 +172,8 @@ class RegionMonitor:
         for s in self.config.signals:
             name, cfg = self.config.detector_for(s)
             self.detectors[s] = create_detector(name, cfg)
+        #: signals left out by calibration, with the reason (e.g. no BatchNorm layers in the model)
+        self.skipped: dict[str, str] = {}
         self.tiles_seen = 0
         self.detected_at: int | None = None
         self.model_version = 0
@@ -197,8 +199,17 @@ class RegionMonitor:
         return monitor
 
     def calibrate(self, fit: Sequence[TileFeatures], held_out: Sequence[TileFeatures], seed: int = 0) -> None:
-        """Calibrate every signal on source tiles (features computed by the source model)."""
+        """Calibrate every signal on source tiles (features computed by the source model).
+
+        A model without BatchNorm layers (GroupNorm/LayerNorm) gives no BatchNorm-statistics signal: its features
+        are exactly zero on every calibration tile, and the signal is skipped (``skipped`` says why) instead of
+        being calibrated on a constant.
+        """
         rng = np.random.default_rng(seed)
+        if "batchnorm" in self.detectors and all(f.bn_mean_shift == 0.0 and f.bn_var_ratio == 0.0 for f in fit):
+            del self.detectors["batchnorm"]
+            self.skipped["batchnorm"] = "the model has no BatchNorm layers: no BatchNorm-statistics signal"
+            log.info("signal batchnorm skipped: %s", self.skipped["batchnorm"])
         for name, det in self.detectors.items():
             extract = SIGNALS[name][0]
             det.calibrate(np.stack([extract(f) for f in fit]), np.stack([extract(f) for f in held_out]), rng)

@@ -192,7 +192,7 @@ class TerradaptHandler(BaseHandler):  # type: ignore[misc]  # ts is untyped
         """
         if self.served is None:
             raise RuntimeError("handler used before initialize()")
-        band_count = self.served.unet_config().in_channels
+        band_count = self.served.arch_config().in_channels
         body = row.get("body", row.get("data")) if isinstance(row, dict) else None
         if body is None:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__

@@ -18,7 +18,7 @@ import torch
 
 from monitoring.features import TileFeatures, average_features, forward_with_features
 from serving.registry import ModelRegistry
-from terradapt.model import UNet, select_device
+from terradapt.model import SegmentationModel, select_device
 from terradapt.raster import extract_patches, plan_windows, stitch
 
 
@@ -59,10 +59,10 @@ class InProcessPredictor:
         self.window = window
         self.overlap = overlap
         self.batch_size = batch_size
-        self._cache: OrderedDict[tuple[str, int], UNet] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, int], SegmentationModel] = OrderedDict()
         self._cache_size = cache_size
 
-    def model(self, region: str, version: int) -> UNet:
+    def model(self, region: str, version: int) -> SegmentationModel:
         """The loaded model of (region, version), from the bounded LRU cache."""
         key = ("source" if version == 0 else region, version)
         if key in self._cache:
@@ -84,7 +84,7 @@ class InProcessPredictor:
 
 
 def predict_images(
-    model: UNet,
+    model: SegmentationModel,
     images: Sequence[npt.NDArray[np.uint8]],
     version: int,
     device: torch.device,
@@ -117,7 +117,7 @@ def predict_images(
 
 
 def _predict_large(
-    model: UNet,
+    model: SegmentationModel,
     image: npt.NDArray[np.uint8],
     version: int,
     device: torch.device,

@@ -20,7 +20,7 @@ from monitoring.calibration import CalibrationData
 from serving.store import BlobStore
 from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, decode, sha256_hex
 from terradapt.errors import ChecksumMismatchError, ModelVersionNotFoundError, ObjectNotFoundError
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 from terradapt.records import ModelVersion
 
 SOURCE = "source"
@@ -127,7 +127,7 @@ class ModelRegistry:
             raise ModelVersionNotFoundError(region, version)
         return ModelManifest.model_validate_json(self.store.get(key))
 
-    def load(self, region: str, version: int | None = None) -> tuple[UNet, ModelManifest]:
+    def load(self, region: str, version: int | None = None) -> tuple[SegmentationModel, ModelManifest]:
         """Load (and sha256-verify) a version; ``None`` means the region's current version."""
         v = self.current(region) if version is None else version
         prefix = self._prefix(region, v)

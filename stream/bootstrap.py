@@ -23,6 +23,7 @@ from terradapt.checkpoint import ModelManifest
 from terradapt.classes import IGNORE_INDEX
 from terradapt.metrics import confusion_matrix
 from terradapt.records import ModelVersion
+from terradapt.training import class_band_means
 
 
 def calibrate(
@@ -71,10 +72,22 @@ def bootstrap_registry(
     these tiles (areas = the region part of ``tile_ids``, ``<region>/<tile>``); none, or ``selection.enabled``
     false: no selection domains are computed, and the gate's heuristics decide.
 
+    An imported model (``terradapt import-model``) has no per-class source look nor class prior in its manifest;
+    with ``masks`` they are measured here on the labelled calibration tiles and stored in the published manifest
+    (data beside the weights: the weights and their sha256 do not change).
+
     Raises:
         ValueError: A calibration tile is one the source model trained on (its manifest lists them).
 
     """
+    if masks is not None and (not manifest.class_band_mean or not manifest.class_prior):
+        means, prior = class_band_means(images, masks, len(manifest.classes))
+        manifest = manifest.model_copy(
+            update={
+                "class_band_mean": manifest.class_band_mean or tuple(tuple(float(v) for v in r) for r in means),
+                "class_prior": manifest.class_prior or tuple(float(v) for v in prior),
+            }
+        )
     version = registry.publish_source(weights, manifest)
     data = calibrate(
         InProcessPredictor(registry, device=device),

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from stream.cli_common import ConfigOption, _console, _settings
-from stream.cli_models import adapt, evaluate, generate, registry_init, train
+from stream.cli_models import adapt, evaluate, generate, import_model, registry_init, train
 
 app = typer.Typer(add_completion=False, help="terradapt: keep land-cover models accurate as they meet new regions.")
 
@@ -23,6 +23,10 @@ def demo(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML settings file ([demo] and every other section)")] = None,
     quick: Annotated[bool, typer.Option(help="tiny configuration (tests, smoke runs)")] = False,
+    arch: Annotated[
+        str | None,
+        typer.Option(help="source architecture: small, flair-baseline, smp:<Arch>:<encoder>; default: settings"),
+    ] = None,
     metrics_port: Annotated[int, typer.Option(help="serve Prometheus /metrics on this loopback port (0 = off)")] = 0,
 ) -> None:
     """Run the whole loop on embedded defaults: stream, detect drift, adapt, gate, deploy, report.
@@ -41,6 +45,8 @@ def demo(
     update = dict(QUICK_DEMO) if quick else {}
     if dataset:
         update["dataset"] = dataset
+    if arch:
+        update["arch"] = arch
     settings = settings.model_copy(
         update={"demo": settings.demo.model_validate({**settings.demo.model_dump(), **update})}
     )
@@ -258,6 +264,7 @@ def info() -> None:
 for _command in (generate, train, evaluate, adapt):
     app.command()(_command)
 app.command("registry-init")(registry_init)
+app.command("import-model")(import_model)
 
 
 def main() -> None:

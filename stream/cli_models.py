@@ -44,6 +44,13 @@ def train(
     regions: Annotated[str | None, typer.Option(help="comma-separated source regions (default: all)")] = None,
     steps: int = 300,
     base_channels: int = 16,
+    arch: Annotated[
+        str,
+        typer.Option(help="small (default), flair-baseline, or smp:<Arch>:<encoder> (e.g. smp:DeepLabV3Plus:resnet18)"),
+    ] = "small",
+    crop: Annotated[
+        int | None, typer.Option(help="training crop in pixels (default 128; the preset's tile size)")
+    ] = None,
     seed: int = 0,
     protocol: Annotated[
         str, typer.Option(help="registered source-training protocol (an unknown name lists them all)")
@@ -68,10 +75,10 @@ def train(
     the ``irm`` and ``reptile`` protocols.
     """
     from monitoring.calibration import RECOMMENDED_TILES
+    from terradapt.architectures import ArchitectureError, resolve_arch
     from terradapt.checkpoint import save_checkpoint
     from terradapt.datasets.base import Sample
     from terradapt.errors import UnknownNameError
-    from terradapt.model import UNetConfig
     from terradapt.protocols import create_protocol
     from terradapt.training import TrainConfig, holdout_split, train_source_checkpoint
 
@@ -90,14 +97,19 @@ def train(
     train_set, calibration = [labelled[i] for i in kept], [labelled[i] for i in held]
     classes = getattr(ds, "classes")  # noqa: B009
     bands = getattr(ds, "band_names")  # noqa: B009
-    mcfg = UNetConfig(in_channels=len(bands), num_classes=len(classes), base_channels=base_channels)
+    try:
+        spec = resolve_arch(arch, in_channels=len(bands), num_classes=len(classes), base_channels=base_channels)
+    except ArchitectureError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--arch") from exc
+    size = min(s.image.shape[-1] for s in train_set)
+    crop_px = min(crop or spec.tile_size or 128, size)
     with Progress(console=_console()) as progress:
-        task = progress.add_task(f"training ({protocol})", total=steps)
+        task = progress.add_task(f"training {arch} ({protocol})", total=steps)
         model, manifest = train_source_checkpoint(
             [s.image for s in train_set],
             [s.mask for s in train_set if s.mask is not None],
-            mcfg,
-            TrainConfig(steps=steps, seed=seed),
+            spec.config,
+            TrainConfig(steps=steps, seed=seed, crop=crop_px, batch_size=8 if crop_px <= 128 else 2),
             classes=classes,
             bands=bands,
             regions=tuple(sorted({s.region for s in train_set})),
@@ -107,6 +119,7 @@ def train(
             protocol_config=method_config,
             domains=[s.region for s in train_set],
             calibration_tiles=[f"{s.region}/{s.tile_id}" for s in calibration],
+            normalisation=spec.normalisation,
         )
     saved = save_checkpoint(out, model, manifest)
     _console().print(
@@ -283,3 +296,65 @@ def registry_init(
     _console().print(
         f"source model {version.href} (sha256 {version.sha256[:12]}...), calibrated on {calibration.tiles} tiles"
     )
+
+
+def import_model(
+    checkpoint: Annotated[Path, typer.Argument(help="a PyTorch state dict (.pt/.pth/.ckpt) or .safetensors file")],
+    arch: Annotated[str, typer.Option(help="flair-baseline, smp:<Arch>:<encoder>, or small")],
+    out: Annotated[Path, typer.Option(help="checkpoint folder to write")] = Path(".terradapt/imported"),
+    classes: Annotated[str | None, typer.Option(help="comma-separated class names (default: FLAIR's 13)")] = None,
+    bands: Annotated[str | None, typer.Option(help="comma-separated band names (default: FLAIR's 5)")] = None,
+    mean: Annotated[str | None, typer.Option(help="per-band normalisation means, raw units (preset's)")] = None,
+    std: Annotated[str | None, typer.Option(help="per-band normalisation stds, raw units (preset's)")] = None,
+    prefix: Annotated[
+        str | None, typer.Option(help="key prefix to strip, e.g. 'model.' (default: found automatically)")
+    ] = None,
+    allow_unexpected: Annotated[
+        bool, typer.Option(help="ignore checkpoint keys the architecture does not have (e.g. a loss module's)")
+    ] = False,
+) -> None:
+    """Convert your trained model's checkpoint into weights.safetensors + manifest.json.
+
+    Loads with ``torch.load(weights_only=True)`` only (a checkpoint that needs code to unpickle is refused),
+    strips a wrapper prefix (``model.``), reports missing/unexpected keys, records the file's sha256. Then
+    ``terradapt registry-init --model OUT --data ...`` calibrates it (and, with labelled tiles, stores the class
+    look the radiometry signal needs) and the stream uses it.
+    """
+    from terradapt.architectures import ArchitectureError, resolve_arch
+    from terradapt.checkpoint import save_checkpoint
+    from terradapt.classes import FLAIR_BANDS, FLAIR_CLASSES
+    from terradapt.importing import CheckpointImportError, UnsafeCheckpointError, import_checkpoint
+
+    class_names = tuple(classes.split(",")) if classes else FLAIR_CLASSES
+    band_names = tuple(bands.split(",")) if bands else FLAIR_BANDS
+    try:
+        spec = resolve_arch(arch, in_channels=len(band_names), num_classes=len(class_names))
+        norm = (_floats(mean, "--mean"), _floats(std, "--std")) if mean or std else None
+        model, manifest, report = import_checkpoint(
+            checkpoint,
+            spec,
+            classes=class_names,
+            bands=band_names,
+            normalisation=norm,
+            prefix=prefix,
+            allow_unexpected=allow_unexpected,
+        )
+    except (ArchitectureError, CheckpointImportError, UnsafeCheckpointError) as exc:
+        _console().print(f"[red]import refused:[/] {exc}")
+        raise typer.Exit(code=2) from exc
+    saved = save_checkpoint(out, model, manifest)
+    ignored = f"; ignored {len(report.ignored)} unexpected key(s)" if report.ignored else ""
+    _console().print(
+        f"imported {checkpoint} (sha256 {report.sha256[:12]}...) as {manifest.architecture} "
+        f"{dict(manifest.config)}: {report.loaded} tensors, prefix {report.prefix!r}{ignored}; saved {out} "
+        f"(weights sha256 {saved.sha256[:12]}...)"
+    )
+
+
+def _floats(text: str | None, name: str) -> tuple[float, ...]:
+    if not text:
+        raise typer.BadParameter("give both --mean and --std", param_hint=name)
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise typer.BadParameter(f"comma-separated numbers expected, got {text!r}", param_hint=name) from exc

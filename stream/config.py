@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters.config import AdaptationConfig
@@ -74,7 +74,20 @@ class DemoConfig(StrictModel):
     label_delay: int = Field(default=3, ge=0, description="acquisitions between a tile and its delayed label")
     train_steps: int = Field(default=300, ge=1)
     base_channels: int = Field(default=16, ge=4)
+    arch: str = Field(
+        default="small",
+        description="source architecture: small, flair-baseline, or smp:<Arch>:<encoder> (terradapt.architectures)",
+    )
     seed: int = 0
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        from terradapt.architectures import PRESETS
+
+        if v not in (*PRESETS, "unet") and not (v.startswith("smp:") and len(v.split(":")) == 3):
+            raise ValueError(f"arch {v!r}: expected one of {sorted(PRESETS)} or smp:<Arch>:<encoder>")
+        return v
 
 
 #: ``terradapt demo --quick``: a configuration for tests and smoke runs.

@@ -25,7 +25,7 @@ from stream.observer import PipelineObserver
 from stream.report import RegionRow, write_report
 from stream.scenarios import Scenario, acquisitions, scenario, source_model, tile_key
 from terradapt.checkpoint import ModelManifest, encode
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 from terradapt.training import evaluate
 
 
@@ -75,7 +75,9 @@ def run_demo(
     return DemoResult(rows, result, report, cached)
 
 
-def fresh_registry(settings: Settings, sc: Scenario, model: UNet, manifest: ModelManifest) -> ModelRegistry:
+def fresh_registry(
+    settings: Settings, sc: Scenario, model: SegmentationModel, manifest: ModelManifest
+) -> ModelRegistry:
     """A new file-system registry under ``demo.workdir`` with the source model, calibrated on ``sc.calibration``.
 
     With labelled calibration tiles the calibration also holds the source confusion matrix (label-shift estimates).
@@ -104,7 +106,7 @@ def fresh_registry(settings: Settings, sc: Scenario, model: UNet, manifest: Mode
 def run_stream(
     settings: Settings,
     sc: Scenario,
-    model: UNet,
+    model: SegmentationModel,
     manifest: ModelManifest,
     *,
     on_tile: Callable[[TileLog], None] | None = None,

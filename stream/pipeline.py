@@ -52,7 +52,7 @@ from stream.topics import TopicName, Topics
 from terradapt.checkpoint import ModelManifest
 from terradapt.classes import flair_to_13
 from terradapt.errors import InvalidPayloadError, TerradaptError, UnknownRegionError
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 from terradapt.raster import Raster, RasterSpec, read_prediction, read_raster, write_cog
 from terradapt.records import (
     Acquisition,
@@ -349,12 +349,12 @@ class Pipeline:
         job: AdaptationJob,
         tiles: list[BufferedTile],
         labelled: list[BufferedTile],
-        source: UNet,
+        source: SegmentationModel,
         manifest: ModelManifest,
         confusion: np.ndarray | None,
     ) -> AdaptationOutcome:
         """The candidate of a job: few-shot when it names labelled tiles, else adapt-or-reset (label-free)."""
-        current: UNet | None = None
+        current: SegmentationModel | None = None
         current_labels: tuple[str, ...] = ()
         if job.base_version != 0:
             current, current_manifest = self.registry.load(job.region, job.base_version)
@@ -388,7 +388,7 @@ class Pipeline:
         job: AdaptationJob,
         tiles: list[BufferedTile],
         labelled: list[BufferedTile],
-        source: UNet,
+        source: SegmentationModel,
         manifest: ModelManifest,
         confusion: np.ndarray | None,
     ) -> GateContext:

@@ -17,11 +17,12 @@ import numpy as np
 
 from stream.config import DemoConfig
 from stream.embedded import StreamItem
+from terradapt.architectures import resolve_arch
 from terradapt.checkpoint import ModelManifest, load_checkpoint, save_checkpoint
 from terradapt.datasets.base import Sample, iter_patches
 from terradapt.datasets.dubai import DubaiDataset
 from terradapt.datasets.synthetic import DEPARTEMENTS, SyntheticDataset, shift_image
-from terradapt.model import UNet, UNetConfig
+from terradapt.model import SegmentationModel
 from terradapt.raster import Raster, RasterSpec, raster_to_geotiff_bytes
 from terradapt.records import Acquisition
 from terradapt.training import TrainConfig, evaluate, train_source_checkpoint
@@ -187,8 +188,9 @@ def _cache_key(cfg: DemoConfig, sc: Scenario) -> str:
             "steps": cfg.train_steps,
             "seed": cfg.seed,
             "base": cfg.base_channels,
+            "arch": cfg.arch,
             "calib": cfg.calibration_tiles,
-            "v": 2,
+            "v": 3,
             "tiles": [s.tile_id for s in sc.train],
         },
         sort_keys=True,
@@ -201,26 +203,29 @@ def source_model(
     sc: Scenario,
     progress: Callable[[int, float], None] | None = None,
     device: str = "auto",
-) -> tuple[UNet, ModelManifest, bool]:
+) -> tuple[SegmentationModel, ModelManifest, bool]:
     """Load the cached source model for this configuration, or train and cache it. Returns (model, manifest, cached)."""
     directory = cfg.cache_dir / f"source-{_cache_key(cfg, sc)}"
     if (directory / "manifest.json").exists():
         model, manifest = load_checkpoint(directory)
         return model, manifest, True
-    mcfg = UNetConfig(in_channels=len(sc.bands), num_classes=len(sc.classes), base_channels=cfg.base_channels)
-    tcfg = TrainConfig(steps=cfg.train_steps, seed=cfg.seed, device=device)
+    spec = resolve_arch(
+        cfg.arch, in_channels=len(sc.bands), num_classes=len(sc.classes), base_channels=cfg.base_channels
+    )
+    tcfg = TrainConfig(steps=cfg.train_steps, seed=cfg.seed, device=device, batch_size=8 if cfg.arch == "small" else 4)
     images = [s.image for s in sc.train]
     masks = [s.mask for s in sc.train if s.mask is not None]
     model, manifest = train_source_checkpoint(
         images,
         masks,
-        mcfg,
+        spec.config,
         tcfg,
         classes=sc.classes,
         bands=sc.bands,
         regions=sc.source_regions,
         tile_ids=[tile_key(s) for s in sc.train],
         progress=progress,
+        normalisation=spec.normalisation,
     )
     ev = evaluate(model, [s.image for s in sc.calibration], [s.mask for s in sc.calibration if s.mask is not None])
     manifest.metrics["miou_source_heldout"] = ev.miou

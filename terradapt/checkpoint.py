@@ -1,8 +1,12 @@
 """Checkpoint format: ``weights.safetensors`` + ``manifest.json`` (never a pickle).
 
-The manifest records what a reader needs to rebuild and trust the model: architecture, classes, bands,
-normalisation, lineage (region, version, parent, method), training regions, metrics, and the sha256 of the
-weights file, which is verified on every load.
+The manifest records what a reader needs to rebuild and trust the model: architecture and its config (bands,
+classes), the input normalisation and the per-class source look (data beside the weights, not model buffers),
+classes, bands, lineage (region, version, parent, method), training regions, metrics, and the sha256 of the weights
+file, which is verified on every load. The weights file holds exactly the network's state dict.
+
+Format 1 (before other architectures) stored the normalisation and class look as buffers in the weights and the
+small U-Net's layers at the top level; ``decode`` still reads it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from terradapt.architectures import architecture_of, build_model, parse_config
 from terradapt.errors import ChecksumMismatchError
-from terradapt.model import UNet, UNetConfig
+from terradapt.model import ArchConfig, SegmentationModel
 from terradapt.records import utcnow
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -29,9 +34,13 @@ class ModelManifest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format_version: int = 1
+    format_version: int = 2
     architecture: str = "unet"
-    config: dict[str, int]
+    config: dict[str, int | str]
+    input_mean: tuple[float, ...] = ()  # per-band normalisation in raw band units (format 2; format 1: in weights)
+    input_std: tuple[float, ...] = ()
+    class_band_mean: tuple[tuple[float, ...], ...] = ()  # source mean of every band per class, 0..1 (radiometry)
+    source_checkpoint: str | None = None  # sha256 of the user checkpoint this was imported from (import-model)
     classes: tuple[str, ...]
     bands: tuple[str, ...]
     region: str = "source"
@@ -53,9 +62,9 @@ class ModelManifest(BaseModel):
     sha256: str = ""
     created: datetime = Field(default_factory=utcnow)
 
-    def unet_config(self) -> UNetConfig:
-        """The architecture config this manifest describes."""
-        return UNetConfig(**self.config)
+    def arch_config(self) -> ArchConfig:
+        """The typed architecture config this manifest describes."""
+        return parse_config(self.architecture, dict(self.config))
 
 
 def sha256_hex(data: bytes) -> str:
@@ -69,26 +78,57 @@ def weights_to_bytes(model: torch.nn.Module) -> bytes:
     return st_save(state)
 
 
-def encode(model: UNet, manifest: ModelManifest) -> tuple[bytes, bytes]:
+def model_data(model: SegmentationModel) -> dict[str, object]:
+    """What the manifest stores about a model besides its weights: architecture, config, normalisation, look."""
+    return {
+        "format_version": 2,
+        "architecture": architecture_of(model.config),
+        "config": model.config.to_dict(),
+        "input_mean": tuple(float(v) for v in model.input_mean.cpu()),
+        "input_std": tuple(float(v) for v in model.input_std.cpu()),
+        # all zeros = never measured (an imported model): left empty, for labelled calibration tiles to fill
+        "class_band_mean": tuple(tuple(float(v) for v in row) for row in model.class_band_mean.cpu())
+        if bool(model.class_band_mean.any())
+        else (),
+    }
+
+
+def encode(model: SegmentationModel, manifest: ModelManifest) -> tuple[bytes, bytes]:
     """Return (weights bytes, manifest JSON bytes) with the manifest's sha256 set to the weights' hash."""
     weights = weights_to_bytes(model)
-    stamped = manifest.model_copy(update={"sha256": sha256_hex(weights), "config": model.config.to_dict()})
+    stamped = manifest.model_copy(update={"sha256": sha256_hex(weights), **model_data(model)})
     return weights, stamped.model_dump_json(indent=2).encode()
 
 
-def decode(weights: bytes, manifest_json: bytes | str, *, what: str = "weights") -> tuple[UNet, ModelManifest]:
-    """Verify the sha256, rebuild the architecture and load the weights (strict)."""
+def decode(
+    weights: bytes, manifest_json: bytes | str, *, what: str = "weights"
+) -> tuple[SegmentationModel, ModelManifest]:
+    """Verify the sha256, rebuild the architecture, load the weights (strict) and the manifest's data."""
     manifest = ModelManifest.model_validate_json(manifest_json)
     actual = sha256_hex(weights)
     if actual != manifest.sha256:
         raise ChecksumMismatchError(what, manifest.sha256, actual)
-    model = UNet(manifest.unet_config())
-    model.load_state_dict(st_load(weights), strict=True)
+    model = build_model(manifest.architecture, dict(manifest.config))
+    state = st_load(weights)
+    if manifest.format_version == 1:  # buffers in the weights, the U-Net's layers at the top level
+        model.set_normalisation(state.pop("input_mean"), state.pop("input_std"))
+        model.set_class_band_mean(state.pop("class_band_mean"))
+        state = {f"net.{k}": v for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+    apply_manifest_data(model, manifest)
     model.eval()
     return model, manifest
 
 
-def save_checkpoint(directory: Path, model: UNet, manifest: ModelManifest) -> ModelManifest:
+def apply_manifest_data(model: SegmentationModel, manifest: ModelManifest) -> None:
+    """Set the normalisation and class look a manifest stores (those it leaves empty keep the model's)."""
+    if manifest.input_mean and manifest.input_std:
+        model.set_normalisation(manifest.input_mean, manifest.input_std)
+    if manifest.class_band_mean:
+        model.set_class_band_mean(manifest.class_band_mean)
+
+
+def save_checkpoint(directory: Path, model: SegmentationModel, manifest: ModelManifest) -> ModelManifest:
     """Write weights then manifest into ``directory`` (manifest last: it marks the version complete)."""
     directory.mkdir(parents=True, exist_ok=True)
     weights, manifest_json = encode(model, manifest)
@@ -97,7 +137,7 @@ def save_checkpoint(directory: Path, model: UNet, manifest: ModelManifest) -> Mo
     return ModelManifest.model_validate_json(manifest_json)
 
 
-def load_checkpoint(directory: Path) -> tuple[UNet, ModelManifest]:
+def load_checkpoint(directory: Path) -> tuple[SegmentationModel, ModelManifest]:
     """Load and verify a checkpoint directory."""
     return decode(
         (directory / WEIGHTS_FILE).read_bytes(),

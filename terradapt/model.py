@@ -1,31 +1,147 @@
-"""A small U-Net with BatchNorm, sized for CPU, and the input normalisation it carries.
+"""The model interface every stage uses, and the small U-Net that is the CPU default.
 
-BatchNorm is deliberate: its running statistics are the handle that label-free adaptation methods (AdaBN, TENT)
-turn, and the drift monitor reads them. Normalisation lives inside the model as buffers so every runner (in-process,
-TorchServe) feeds the same raw uint8 bands and cannot forget to normalise.
+``SegmentationModel`` wraps a network that maps *normalised* bands to logits. It adds what every runner needs and
+must not forget: raw band values in [0, 255] in, the per-band normalisation applied inside, inputs padded to the
+network's stride, and the pooled deep feature of the drift monitor taken with a forward hook on a named layer (no
+architecture has to expose a special method). The predictor, the drift features, the adapters, the gate, the
+registry and the TorchServe handler only use this interface: ``forward`` (logits), ``forward_features`` (logits,
+pooled feature), ``norm_layers`` and the config's ``in_channels`` / ``num_classes``.
+
+Normalisation statistics and the per-class source look (``class_band_mean``: the radiometry signal compares each
+pixel with the source look of its predicted class) are *data stored in the manifest*, beside the weights; they are
+held as non-persistent buffers so they follow ``.to(device)`` but never enter the state dict, which therefore holds
+exactly the network's own tensors (what a user's checkpoint holds too).
+
+BatchNorm is deliberate in the default: its running statistics are the handle label-free adaptation methods (AdaBN,
+TENT) turn, and the drift monitor reads them. Models with GroupNorm/LayerNorm work too: entropy methods train those
+layers' affine parameters, and the BatchNorm-statistics signal is skipped for them.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+#: Layers whose affine parameters the entropy methods train.
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
+
 
 @dataclass(frozen=True)
-class UNetConfig:
-    """Architecture hyper-parameters (stored in the checkpoint manifest)."""
+class ArchConfig:
+    """What every architecture config has: band count and class count (stored in the manifest)."""
 
     in_channels: int = 5
     num_classes: int = 13
-    base_channels: int = 16
-    depth: int = 3
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         """Plain dict for the manifest."""
         return asdict(self)
+
+
+class SegmentationModel(nn.Module):
+    """Raw bands (N, C, H, W) in [0, 255] -> logits (N, K, H, W), plus the pooled feature of ``feature_layer``.
+
+    Subclasses build ``self.net`` (normalised input -> logits at input size) and name the layer whose output is
+    pooled into the deep feature. Inputs whose size is not a multiple of ``pad_multiple`` are padded (reflect; edge
+    replicate when the tile is smaller than the padding) and the logits cropped back.
+    """
+
+    #: the manifest's ``architecture`` value that builds this class
+    architecture: ClassVar[str]
+    config: ArchConfig
+    net: nn.Module
+    input_mean: torch.Tensor
+    input_std: torch.Tensor
+    class_band_mean: torch.Tensor
+
+    def __init__(self, config: ArchConfig, *, feature_layer: str, pad_multiple: int) -> None:
+        super().__init__()
+        self.config = config
+        self.feature_layer = feature_layer
+        self.pad_multiple = pad_multiple
+        c, k = config.in_channels, config.num_classes
+        self.register_buffer("input_mean", torch.full((c,), 127.5), persistent=False)
+        self.register_buffer("input_std", torch.full((c,), 64.0), persistent=False)
+        self.register_buffer("class_band_mean", torch.zeros(k, c), persistent=False)
+
+    @property
+    @abstractmethod
+    def feature_dim(self) -> int:
+        """Width of the pooled deep feature."""
+
+    @abstractmethod
+    def encoder_modules(self) -> list[nn.Module]:
+        """The encoder part (what feature-level domain alignment such as ADDA retrains)."""
+
+    @abstractmethod
+    def classifier(self) -> nn.Conv2d:
+        """The last convolution, whose bias adds a constant per class to the logits (prior correction)."""
+
+    def set_normalisation(self, mean: torch.Tensor | Sequence[float], std: torch.Tensor | Sequence[float]) -> None:
+        """Set the per-band input normalisation (raw band units)."""
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3))
+
+    def set_class_band_mean(self, means: torch.Tensor | Sequence[Sequence[float]]) -> None:
+        """Set the per-class source band means, shape (num_classes, in_channels), 0..1 scale."""
+        self.class_band_mean.copy_(torch.as_tensor(means, dtype=torch.float32))
+
+    def norm_layers(self) -> list[nn.Module]:
+        """Normalisation layers (BatchNorm, GroupNorm, LayerNorm, InstanceNorm), in definition order."""
+        return norm_layers(self)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, pooled feature of ``feature_layer``)."""
+        logits, feature = self.forward_feature_map(x)
+        pooled = feature.mean(dim=tuple(range(2, feature.dim()))) if feature.dim() > 2 else feature
+        return logits, pooled
+
+    def forward_feature_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (logits, the un-pooled output of ``feature_layer``, e.g. (N, C, h, w))."""
+        h, w = x.shape[-2:]
+        m = self.pad_multiple
+        pad_h, pad_w = (-h) % m, (-w) % m
+        z = (x - self.input_mean.view(1, -1, 1, 1)) / self.input_std.view(1, -1, 1, 1)
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+            z = F.pad(z, (0, pad_w, 0, pad_h), mode=mode)
+        captured: list[torch.Tensor] = []
+        layer = self.get_submodule(f"net.{self.feature_layer}" if self.feature_layer else "net")
+        handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(_last_tensor(out)))
+        try:
+            logits = self.net(z)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"feature layer {self.feature_layer!r} did not run in the forward pass")
+        return logits[..., :h, :w], captured[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K, H, W)."""
+        return self.forward_features(x)[0]
+
+
+def _last_tensor(out: Any) -> torch.Tensor:
+    """A hooked layer's output as one tensor (encoders return the list of their stages: the deepest is last)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, list | tuple) and out and isinstance(out[-1], torch.Tensor):
+        return out[-1]
+    raise TypeError(f"the feature layer's output is {type(out).__name__}, not a tensor or a sequence of tensors")
+
+
+@dataclass(frozen=True)
+class UNetConfig(ArchConfig):
+    """The small U-Net's hyper-parameters."""
+
+    base_channels: int = 16
+    depth: int = 3
 
 
 class _Block(nn.Sequential):
@@ -40,26 +156,10 @@ class _Block(nn.Sequential):
         )
 
 
-class UNet(nn.Module):
-    """U-Net: ``depth`` down/up levels, channel width doubling per level.
-
-    ``forward`` returns logits (N, K, H, W); ``forward_features`` also returns the globally pooled bottleneck
-    (N, C) used as the deep feature of the drift monitor. Inputs are raw band values in [0, 255].
-    """
-
-    input_mean: torch.Tensor
-    input_std: torch.Tensor
-    class_band_mean: torch.Tensor
-
+class _UNetNet(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
-        self.config = config
         widths = [config.base_channels * 2**i for i in range(config.depth + 1)]
-        self.register_buffer("input_mean", torch.full((config.in_channels,), 127.5))
-        self.register_buffer("input_std", torch.full((config.in_channels,), 64.0))
-        # source mean of every band per class (0..1 scale), set from training labels: the drift monitor's
-        # class-conditional radiometry compares each pixel with the source look of its predicted class
-        self.register_buffer("class_band_mean", torch.zeros(config.num_classes, config.in_channels))
         self.down = nn.ModuleList()
         cin = config.in_channels
         for w in widths[:-1]:
@@ -73,40 +173,50 @@ class UNet(nn.Module):
             self.up_blocks.append(_Block(2 * w_lo, w_lo))
         self.head = nn.Conv2d(widths[0], config.num_classes, 1)
 
-    def set_normalisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Set the per-band input normalisation (computed on the source training tiles)."""
-        self.input_mean.copy_(mean)
-        self.input_std.copy_(std.clamp_min(1e-3))
-
-    def set_class_band_mean(self, means: torch.Tensor) -> None:
-        """Set the per-class source band means, shape (num_classes, in_channels), 0..1 scale."""
-        self.class_band_mean.copy_(means)
-
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (logits, pooled bottleneck features). Sizes not divisible by 2**depth are padded."""
-        h, w = x.shape[-2:]
-        m = 2**self.config.depth
-        pad_h, pad_w = (-h) % m, (-w) % m
-        mean = self.input_mean.view(1, -1, 1, 1)
-        std = self.input_std.view(1, -1, 1, 1)
-        z = (x - mean) / std
-        if pad_h or pad_w:
-            z = F.pad(z, (0, pad_w, 0, pad_h), mode="reflect")
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         skips = []
         for block in self.down:
             z = block(z)
             skips.append(z)
             z = F.max_pool2d(z, 2)
         z = self.bottleneck(z)
-        pooled = z.mean(dim=(2, 3))
         for up, block, skip in zip(self.up, self.up_blocks, reversed(skips), strict=True):
             z = block(torch.cat([up(z), skip], dim=1))
-        logits = self.head(z)[..., :h, :w]
-        return logits, pooled
+        out: torch.Tensor = self.head(z)
+        return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (N, K, H, W)."""
-        return self.forward_features(x)[0]
+
+class UNet(SegmentationModel):
+    """The small U-Net (BatchNorm): ``depth`` down/up levels, channel width doubling per level; CPU default.
+
+    The deep feature is the pooled bottleneck.
+    """
+
+    architecture = "unet"
+    config: UNetConfig
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__(config, feature_layer="bottleneck", pad_multiple=2**config.depth)
+        self.net = _UNetNet(config)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.config.base_channels * 2**self.config.depth)
+
+    def encoder_modules(self) -> list[nn.Module]:
+        net = self.net
+        assert isinstance(net, _UNetNet)
+        return [*net.down, net.bottleneck]
+
+    def classifier(self) -> nn.Conv2d:
+        head = self.net.head
+        assert isinstance(head, nn.Conv2d)
+        return head
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    """Normalisation layers with parameters or statistics (BatchNorm, GroupNorm, LayerNorm, InstanceNorm)."""
+    return [m for m in model.modules() if isinstance(m, NORM_TYPES)]
 
 
 def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:

@@ -29,7 +29,7 @@ from torch.nn import functional as F  # noqa: N812
 from terradapt.augment import RadiometricAugmentConfig, radiometric_augment
 from terradapt.classes import IGNORE_INDEX
 from terradapt.errors import UnknownNameError
-from terradapt.model import UNet
+from terradapt.model import SegmentationModel
 from terradapt.settings import StrictModel
 
 if TYPE_CHECKING:
@@ -208,7 +208,12 @@ class TrainingProtocol(ABC):
 
     @abstractmethod
     def fit(
-        self, model: UNet, data: SourceData, train: TrainConfig, rng: np.random.Generator, progress: Progress
+        self,
+        model: SegmentationModel,
+        data: SourceData,
+        train: TrainConfig,
+        rng: np.random.Generator,
+        progress: Progress,
     ) -> None:
         """Train ``model`` (train mode, on its device) for ``train.steps`` steps.
 
@@ -223,7 +228,7 @@ class TrainingProtocol(ABC):
 
     @staticmethod
     def _optimiser(
-        model: UNet, train: TrainConfig
+        model: SegmentationModel, train: TrainConfig
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
         opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
         return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=train.lr, total_steps=train.steps)
@@ -244,7 +249,12 @@ class ERM(TrainingProtocol):
         return None
 
     def fit(
-        self, model: UNet, data: SourceData, train: TrainConfig, rng: np.random.Generator, progress: Progress
+        self,
+        model: SegmentationModel,
+        data: SourceData,
+        train: TrainConfig,
+        rng: np.random.Generator,
+        progress: Progress,
     ) -> None:
         device = next(model.parameters()).device
         opt, sched = self._optimiser(model, train)
@@ -285,7 +295,12 @@ class IRM(TrainingProtocol):
     config: IRMConfig
 
     def fit(
-        self, model: UNet, data: SourceData, train: TrainConfig, rng: np.random.Generator, progress: Progress
+        self,
+        model: SegmentationModel,
+        data: SourceData,
+        train: TrainConfig,
+        rng: np.random.Generator,
+        progress: Progress,
     ) -> None:
         device = next(model.parameters()).device
         opt, sched = self._optimiser(model, train)
@@ -330,14 +345,19 @@ class Reptile(TrainingProtocol):
     config_class = ReptileConfig
     config: ReptileConfig
 
-    def _inner_optimiser(self, model: UNet, train: TrainConfig) -> torch.optim.Optimizer:
+    def _inner_optimiser(self, model: SegmentationModel, train: TrainConfig) -> torch.optim.Optimizer:
         lr = self.config.inner_lr or train.lr
         if self.config.inner_optimizer == "sgd":
             return torch.optim.SGD(model.parameters(), lr=lr, weight_decay=train.weight_decay)
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.0, 0.999), weight_decay=train.weight_decay)
 
     def fit(
-        self, model: UNet, data: SourceData, train: TrainConfig, rng: np.random.Generator, progress: Progress
+        self,
+        model: SegmentationModel,
+        data: SourceData,
+        train: TrainConfig,
+        rng: np.random.Generator,
+        progress: Progress,
     ) -> None:
         device = next(model.parameters()).device
         cfg = self.config

@@ -12,10 +12,11 @@ import numpy.typing as npt
 import torch
 from pydantic import BaseModel
 
+from terradapt.architectures import architecture_of, model_from_config
 from terradapt.checkpoint import ModelManifest
 from terradapt.classes import IGNORE_INDEX
 from terradapt.metrics import confusion_matrix, iou_per_class, miou
-from terradapt.model import UNet, UNetConfig, select_device
+from terradapt.model import ArchConfig, SegmentationModel, select_device
 from terradapt.protocols import SourceData, create_protocol
 
 Array = npt.NDArray[np.uint8]
@@ -69,26 +70,31 @@ def class_band_means(
 def train_source_model(
     images: Sequence[Array],
     masks: Sequence[Array],
-    model_config: UNetConfig,
+    model_config: ArchConfig,
     config: TrainConfig,
     progress: Callable[[int, float], None] | None = None,
     *,
     protocol: str = "erm",
     protocol_config: dict[str, Any] | BaseModel | None = None,
     domains: Sequence[str] | None = None,
-) -> UNet:
-    """Train a U-Net with cross-entropy (ignore index respected) on random crops with flips and rotations.
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> SegmentationModel:
+    """Train a segmentation model (any architecture) with cross-entropy on random crops with flips and rotations.
+
+    The ignore index is respected.
 
     Args:
         images: (C, H, W) uint8 tiles of the source regions.
         masks: (H, W) class-index masks, IGNORE_INDEX ignored.
-        model_config: architecture (in_channels and num_classes must match the data).
+        model_config: architecture (``UNetConfig``, ``SmpConfig``; in_channels and num_classes must match the data).
         config: optimisation settings.
         progress: called with (step, loss) after every step (the CLI draws a progress bar with it).
         protocol: a registered source-training protocol (``terradapt.protocols.available_protocols()``); "erm"
             gives the same model as before protocols existed.
         protocol_config: that protocol's own config (validated; unknown keys are errors).
         domains: the region of every image (the domains of ``irm`` and ``reptile``); one domain when None.
+        normalisation: fixed per-band (mean, std) in raw band units (a preset's, e.g. FLAIR's); None computes them
+            from the training images.
 
     Returns:
         The trained model in eval mode, on CPU.
@@ -104,8 +110,8 @@ def train_source_model(
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = select_device(config.device)
-    model = UNet(model_config)
-    mean, std = band_normalisation(images)
+    model = model_from_config(model_config)
+    mean, std = normalisation if normalisation is not None else band_normalisation(images)
     model.set_normalisation(mean, std)
     model.set_class_band_mean(class_band_means(images, masks, model_config.num_classes)[0])
     model.to(device).train()
@@ -152,7 +158,7 @@ def holdout_split(regions: Sequence[str], fraction: float, seed: int = 0) -> tup
 def train_source_checkpoint(
     images: Sequence[Array],
     masks: Sequence[Array],
-    model_config: UNetConfig,
+    model_config: ArchConfig,
     config: TrainConfig,
     *,
     classes: tuple[str, ...],
@@ -164,7 +170,8 @@ def train_source_checkpoint(
     protocol_config: dict[str, Any] | BaseModel | None = None,
     domains: Sequence[str] | None = None,
     calibration_tiles: Sequence[str] = (),
-) -> tuple[UNet, ModelManifest]:
+    normalisation: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> tuple[SegmentationModel, ModelManifest]:
     """Train the source model and describe it (classes, bands, training regions and tiles, source class prior).
 
     ``tile_ids`` name the training tiles in the manifest, so a calibration on any of them can be refused;
@@ -188,9 +195,11 @@ def train_source_checkpoint(
         protocol=protocol,
         protocol_config=protocol_config,
         domains=domains,
+        normalisation=normalisation,
     )
     prior = class_band_means(images, masks, model_config.num_classes)[1]
     manifest = ModelManifest(
+        architecture=architecture_of(model_config),
         config=model_config.to_dict(),
         classes=classes,
         bands=bands,
@@ -205,7 +214,7 @@ def train_source_checkpoint(
 
 
 @torch.no_grad()
-def predict_maps(model: UNet, images: Sequence[Array], batch_size: int = 4) -> list[Array]:
+def predict_maps(model: SegmentationModel, images: Sequence[Array], batch_size: int = 4) -> list[Array]:
     """Class maps of same-sized tiles (eval mode, model's device)."""
     model.eval()
     device = next(model.parameters()).device
@@ -216,7 +225,7 @@ def predict_maps(model: UNet, images: Sequence[Array], batch_size: int = 4) -> l
     return out
 
 
-def evaluate(model: UNet, images: Sequence[Array], masks: Sequence[Array]) -> Evaluation:
+def evaluate(model: SegmentationModel, images: Sequence[Array], masks: Sequence[Array]) -> Evaluation:
     """Per-class IoU and mIoU over all tiles pooled (one confusion matrix)."""
     k = model.config.num_classes
     cm = np.zeros((k, k), dtype=np.int64)

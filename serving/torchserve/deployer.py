@@ -252,7 +252,7 @@ class TorchServeDeployer:
         verdict = compare_outputs(
             canary,
             baseline,
-            manifest.unet_config().num_classes,
+            manifest.arch_config().num_classes,
             self.gate,
             gate_context,
             masks=[t.mask for t in tiles],

@@ -16,7 +16,7 @@ def test_gate_rejects_a_model_collapsed_to_one_class():
     current = _model()
     collapsed = copy.deepcopy(current)
     with torch.no_grad():
-        collapsed.head.bias[2] = 1e4  # every pixel -> class 2, entropy ~ 0
+        collapsed.classifier().bias[2] = 1e4  # every pixel -> class 2, entropy ~ 0
     tiles = torch.rand(4, 5, 32, 32) * 255
     result = Gate().check(collapsed, current, tiles)
     assert not result.accepted

@@ -27,7 +27,7 @@ from stream.pipeline import Pipeline
 from terradapt.checkpoint import ModelManifest, encode
 from terradapt.datasets.base import Sample
 from terradapt.datasets.synthetic import SyntheticDataset
-from terradapt.model import UNet, UNetConfig
+from terradapt.model import SegmentationModel, UNetConfig
 from terradapt.raster import Raster, raster_to_geotiff_bytes
 from terradapt.records import Acquisition
 from terradapt.training import TrainConfig, train_source_checkpoint
@@ -39,7 +39,7 @@ SIZE = 64
 class World:
     """The trained source model, its calibration tiles and tiles to stream."""
 
-    model: UNet
+    model: SegmentationModel
     manifest: ModelManifest
     calibration: list[Sample]
     source: list[Sample]

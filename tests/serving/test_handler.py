@@ -51,6 +51,7 @@ from terradapt.errors import (
 )
 from terradapt.model import UNet, UNetConfig
 from terradapt.raster import Raster, raster_to_geotiff_bytes
+from tests.fakes.archs import ARCH_IDS, toy_model
 
 CFG = UNetConfig(in_channels=5, num_classes=4, base_channels=4, depth=2)
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,6 +122,24 @@ def test_predicts_like_the_in_process_predictor(handler, model_dir):
         np.testing.assert_array_equal(got.class_map, want.class_map)
         np.testing.assert_allclose(got.features.deep, want.features.deep, rtol=1e-6)
         assert got.features.mean_entropy == pytest.approx(want.features.mean_entropy, rel=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCH_IDS)
+def test_every_architecture_is_served_like_the_in_process_predictor(tmp_path, arch):
+    model = toy_model(arch, seed=2)
+    directory = tmp_path / arch
+    save_checkpoint(directory, model, _manifest(region="D033", version=2, parent=1, method="bn"))
+    h = TerradaptHandler()
+    h.initialize(_context(directory, {"window": 64, "overlap": 16}))
+    image = _image(5, size=96)  # two overlapping windows per axis
+    ((status, body),) = _call(h, _context(directory), [_tiff(image)])
+    assert status == 200
+    got = decode_prediction(body)
+    want = predict_images(model, [image], 2, torch.device("cpu"), 64, 16, 4)[0]
+    np.testing.assert_array_equal(got.class_map, want.class_map)
+    assert got.features.deep.shape == (model.feature_dim,)
+    np.testing.assert_allclose(got.features.deep, want.features.deep, rtol=1e-5, atol=1e-6)
+    assert got.features.bn_mean_shift > 0  # every contract architecture has BatchNorm layers
 
 
 def test_large_raster_is_tiled_and_keeps_its_shape(handler, model_dir):

@@ -46,7 +46,7 @@ from serving.torchserve import (
 from terradapt.checkpoint import ModelManifest, encode
 from terradapt.datasets.synthetic import SyntheticDataset
 from terradapt.errors import ModelVersionNotFoundError, TerradaptError
-from terradapt.model import UNet, UNetConfig
+from terradapt.model import SegmentationModel, UNet, UNetConfig
 from terradapt.records import RolloutStep
 from terradapt.settings import TorchServeConfig
 
@@ -251,7 +251,7 @@ def server(tmp_path_factory):
         srv.script("stop")
 
 
-def _bn(model: UNet, images: np.ndarray, prior: float) -> UNet:
+def _bn(model: SegmentationModel, images: np.ndarray, prior: float) -> SegmentationModel:
     return create_adapter("bn", model, {"prior_tiles": prior}).adapt([torch.from_numpy(images).float()])
 
 
@@ -259,7 +259,7 @@ def _bn(model: UNet, images: np.ndarray, prior: float) -> UNet:
 class World:
     registry: ModelRegistry
     tiles: dict[str, list[BufferedTile]]
-    source: UNet
+    source: SegmentationModel
 
     def context(self, region: str, label_shift: tuple[float, ...] | None = None) -> RolloutContext:
         """What the pipeline hands a deployer for a job of ``region``: its tiles and the gate context."""
@@ -268,9 +268,9 @@ class World:
     def images(self, region: str) -> np.ndarray:
         return np.stack([t.image for t in self.tiles[region]])
 
-    def publish(self, region: str, model: UNet, parent: int, method: str = "bn") -> int:
+    def publish(self, region: str, model: SegmentationModel, parent: int, method: str = "bn") -> int:
         manifest = ModelManifest(
-            config=CFG.to_dict(),
+            config={},  # encode() writes the model's own architecture and config
             classes=("a", "b", "c", "d"),
             bands=("r", "g", "b", "n", "e"),
             region=region,
@@ -287,7 +287,7 @@ class World:
     def broken(self, region: str, base: int) -> int:
         """Weights that collapse to one class: class 0's head bias made huge."""
         model, _ = self.registry.load(region, base)
-        bias = model.head.bias
+        bias = model.classifier().bias
         assert bias is not None
         with torch.no_grad():
             bias[0] += 1e4
@@ -532,3 +532,36 @@ def test_restart_mid_stream_retries_then_raises_then_recovers(server, world):
         starter.join()
     assert [o.version for o in outputs] == [0, 0]
     assert server.script("status").returncode == 0
+
+
+@pytest.fixture(scope="module")
+def smp_world(tmp_path_factory, world):
+    """The same regions' tiles, served by a segmentation-models-pytorch model (Unet + resnet18)."""
+    from tests.fakes.archs import toy_model
+
+    source = _bn(toy_model("smp-unet-resnet18", seed=1), world.images("D033"), prior=0.0).eval()
+    registry = ModelRegistry(FileSystemStore(tmp_path_factory.mktemp("smp-registry")))
+    weights, manifest = encode(source, ModelManifest(config={}, classes=tuple("abcd"), bands=tuple("rgbne")))
+    registry.publish_source(weights, ModelManifest.model_validate_json(manifest))
+    return World(registry, world.tiles, source)
+
+
+@pytest.mark.services
+def test_an_smp_model_is_packaged_served_and_rolled_out(server, smp_world):
+    """The archive carries the code the smp model needs (terradapt.architectures); TorchServe serves it like the
+    in-process predictor, and an adapted version goes through the shadow check to default."""
+    region = "D040"
+    deployer = _deployer(server, smp_world)
+    v1 = smp_world.publish(region, _bn(smp_world.source, smp_world.images(region), prior=4.0), 0)
+    assert smp_world.registry.manifest(region, v1).architecture == "smp"
+    event = deployer.rollout(region, v1, smp_world.context(region))
+    assert event.step is RolloutStep.PROMOTED, event.detail
+    images = list(smp_world.images(region)[:3])
+    served = TorchServePredictor(deployer.client).predict(region, images)
+    local = InProcessPredictor(smp_world.registry, device="cpu").predict(region, images)
+    for s, loc in zip(served, local, strict=True):
+        assert s.version == loc.version == v1
+        np.testing.assert_array_equal(s.class_map, loc.class_map)
+        assert s.features.deep.shape == (512,)
+        np.testing.assert_allclose(s.features.deep, loc.features.deep, rtol=1e-4, atol=1e-5)
+    _drop(deployer.client, region)

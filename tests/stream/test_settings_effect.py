@@ -243,3 +243,20 @@ def test_demo_section_chooses_the_scenario(env):
     sc = scenario(settings.demo)
     assert sc.train[0].image.shape[1:] == (64, 64) and len(sc.train) == 8
     assert {len(v) for v in sc.streams.values()} == {8}
+
+
+def test_demo_arch_chooses_the_source_architecture(env, tmp_path):
+    from stream.scenarios import source_model
+
+    small = {"DEMO__TILE_SIZE": "64", "DEMO__TRAIN_TILES": "4", "DEMO__CALIBRATION_TILES": "8"}
+    small |= {"DEMO__STREAM_TILES": "8", "DEMO__EVAL_TILES": "1", "DEMO__TRAIN_STEPS": "1"}
+    small |= {"DEMO__CACHE_DIR": str(tmp_path / "cache")}
+    default = env(**small)
+    _, manifest, _ = source_model(default.demo, scenario(default.demo), device="cpu")
+    assert manifest.architecture == "unet"
+    chosen = env(DEMO__ARCH="smp:FPN:resnet18", **small)
+    model, manifest, cached = source_model(chosen.demo, scenario(chosen.demo), device="cpu")
+    assert (manifest.architecture, manifest.config["arch"], manifest.config["encoder"]) == ("smp", "FPN", "resnet18")
+    assert not cached and model.feature_dim == 512  # its own cache entry, not the small model's
+    with pytest.raises(ValueError, match="smp:<Arch>:<encoder>"):
+        env(DEMO__ARCH="resnet")
