@@ -73,6 +73,7 @@ bench-extras: install
 
 bench: install bench-extras
 	$(PY) bench/serving.py
+	$(PY) bench/model_serving.py
 	$(PY) bench/drift.py
 	$(PY) bench/adaptation.py
 	$(PY) bench/selection.py

@@ -89,7 +89,7 @@ def machine() -> dict[str, str]:
     with contextlib.suppress(OSError):
         match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
         cpu = match.group(1).strip() if match else cpu
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True, check=False).stdout.strip()
+    nproc = str(len(os.sched_getaffinity(0)))  # not `nproc`: it follows OMP_NUM_THREADS
     return {
         "nproc": nproc or str(os.cpu_count()),
         "cpu": cpu,
@@ -121,6 +121,26 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in socks]
 
 
+def torchserve_settings(work: Path, timeout_s: float) -> tuple[dict[str, str], TorchServeConfig]:
+    """Environment of deploy/torchserve/torchserve.sh (free loopback ports, run dir under ``work``) + client config."""
+    ports = free_ports(3)
+    env = {
+        **os.environ,
+        "TERRADAPT_RUN_DIR": str(work / "run"),
+        "TERRADAPT_TS_INFERENCE_PORT": str(ports[0]),
+        "TERRADAPT_TS_MANAGEMENT_PORT": str(ports[1]),
+        "TERRADAPT_TS_METRICS_PORT": str(ports[2]),
+    }
+    config = TorchServeConfig(
+        inference_url=f"http://127.0.0.1:{ports[0]}",
+        management_url=f"http://127.0.0.1:{ports[1]}",
+        metrics_url=f"http://127.0.0.1:{ports[2]}",
+        key_file=work / "run" / "torchserve" / "key_file.json",
+        timeout_s=timeout_s,
+    )
+    return env, config
+
+
 def timed(fn: Callable[[], object], rounds: int, items: int) -> list[float]:
     out = []
     for _ in range(rounds * items):
@@ -143,21 +163,7 @@ def run(args: argparse.Namespace) -> Results:
     data = SyntheticDataset({REGION: args.tiles}, size=args.size, seed=0)
     tiles: list[npt.NDArray[np.uint8]] = [data.load(REGION, t).image for t in data.tile_ids(REGION)]
 
-    ports = free_ports(3)
-    env = {
-        **os.environ,
-        "TERRADAPT_RUN_DIR": str(work / "run"),
-        "TERRADAPT_TS_INFERENCE_PORT": str(ports[0]),
-        "TERRADAPT_TS_MANAGEMENT_PORT": str(ports[1]),
-        "TERRADAPT_TS_METRICS_PORT": str(ports[2]),
-    }
-    ts_config = TorchServeConfig(
-        inference_url=f"http://127.0.0.1:{ports[0]}",
-        management_url=f"http://127.0.0.1:{ports[1]}",
-        metrics_url=f"http://127.0.0.1:{ports[2]}",
-        key_file=work / "run" / "torchserve" / "key_file.json",
-        timeout_s=120,
-    )
+    env, ts_config = torchserve_settings(work, timeout_s=120)
     results = Results(load_before=load_average())
     subprocess.run(["bash", str(SCRIPT), "start"], env=env, check=True, timeout=300)
     try:

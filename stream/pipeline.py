@@ -22,7 +22,6 @@ returned state in their tables; the adaptation worker calls ``run_job``. No stag
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -46,7 +45,15 @@ from serving.registry import SOURCE, ModelRegistry
 from serving.rollout import Deployer, RolloutContext
 from serving.store import BlobStore, TileReader
 from stream.observer import NullObserver, PipelineObserver, timed
-from stream.outcome import KeyMismatchError, Outcome, Outgoing, PredictorUnavailableError
+from stream.outcome import (
+    KeyMismatchError,
+    Outcome,
+    Outgoing,
+    PredictorUnavailableError,
+    compact_json,
+    dead_letter,
+    json_object,
+)
 from stream.state import RecentTile, RegionState
 from stream.topics import TopicName, Topics
 from terradapt.checkpoint import ModelManifest
@@ -57,7 +64,6 @@ from terradapt.raster import Raster, RasterSpec, read_prediction, read_raster, w
 from terradapt.records import (
     Acquisition,
     AdaptationJob,
-    DeadLetter,
     DriftEvent,
     LabelRecord,
     ModelVersion,
@@ -450,7 +456,7 @@ class Pipeline:
             class_map, tags = read_prediction(self.predictions.get(f"{label.region}/{label.acquisition_id}.tif"))
             tracker = DelayedLabelTracker(self.num_classes, self.label_window)
             if state is not None:
-                tracker.load_state_dict(_json(state))
+                tracker.load_state_dict(json_object(state))
             version = int(tags.get("model_version", "-1"))
             tracker.record_prediction(label.acquisition_id, label.region, version, class_map=class_map)
             join = tracker.add_label(label.acquisition_id, mask)
@@ -460,9 +466,9 @@ class Pipeline:
             log.exception("unexpected error on label %s", key)
             return self._dead("labels", "labels", exc, payload, key, None, started)
         self.observer.labelled(label.region, join)
-        new_state = _dumps(tracker.state_dict())
+        new_state = compact_json(tracker.state_dict())
         if join.outcome == "invalid":
-            letter = self._letter("labels", "labels", "invalid_tile", join.detail, payload, key)
+            letter = dead_letter(self.topics.name("labels"), "labels", join.detail, payload, key, "invalid_tile")
             self.observer.dead_letter(letter, None, time.perf_counter() - started)
             return Outcome((Outgoing("deadletter", key or "unknown", letter),), new_state)
         job = self._keep_label(label, mask, tags, join)
@@ -497,18 +503,6 @@ class Pipeline:
         return few_shot_job(label.region, label.acquisition_id, count, base, labels, config)
 
     # == dead letters ==============================================================================================
-    def _letter(
-        self, topic: TopicName, stage: Stage, reason: str, error: str, payload: bytes, key: str | None
-    ) -> DeadLetter:
-        return DeadLetter(
-            topic=self.topics.name(topic),
-            reason=reason,
-            error=error,
-            payload=payload.decode("utf-8", errors="replace"),
-            key=key,
-            stage=stage,
-        )
-
     def _dead(
         self,
         topic: TopicName,
@@ -521,21 +515,7 @@ class Pipeline:
         reason: str | None = None,
     ) -> Outcome:
         """The one way a dead letter is made: original payload, reason, error text; counted by the observer."""
-        if reason is None:
-            reason = error.reason if isinstance(error, TerradaptError) else "internal_error"
-        text = error if isinstance(error, str) else (str(error) if isinstance(error, TerradaptError) else repr(error))
-        letter = self._letter(topic, stage, reason, text, payload, key)
+        letter = dead_letter(self.topics.name(topic), stage, error, payload, key, reason)
         valid_region = region if region is not None and (self.regions is None or region in self.regions) else None
         self.observer.dead_letter(letter, valid_region, time.perf_counter() - started)
         return Outcome((Outgoing("deadletter", key or "unknown", letter),))
-
-
-def _json(data: bytes) -> dict[str, object]:
-    value = json.loads(data)
-    if not isinstance(value, dict):
-        raise InvalidPayloadError("stored label state is not a JSON object")
-    return value
-
-
-def _dumps(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
