@@ -16,7 +16,10 @@ An archive holds:
   packages. TorchServe unpacks the archive and puts that folder first on the worker's ``sys.path``, so a model
   version always runs the code it was packaged with - not whatever the server's checkout or ``PYTHONPATH`` holds
   at the time a worker restarts. The alternative (``PYTHONPATH`` on the TorchServe process) would silently change
-  the code behind already-deployed versions on every checkout, and breaks as soon as TorchServe runs elsewhere;
+  the code behind already-deployed versions on every checkout, and breaks as soon as TorchServe runs elsewhere.
+  That copy includes ``terradapt.architectures``, which rebuilds any architecture a manifest names; third-party
+  libraries (torch, segmentation-models-pytorch for ``smp`` models) come from TorchServe's Python environment,
+  which installs terradapt's declared dependencies;
 * ``model-config.yaml``: worker count, response timeout and the handler's settings (``serving.codec.HandlerConfig``).
 
 The archiver runs as a subprocess (``python -m model_archiver.model_packaging``, its public CLI) so that its

@@ -15,6 +15,7 @@ from adapters.buffer import BufferedTile
 from adapters.fewshot import FewShotConfig, TooFewLabelsError, few_shot_adapt, l2sp_distance, run_few_shot
 from terradapt.records import AdaptationJob, DriftEvent
 from terradapt.training import evaluate
+from tests.fakes.archs import ARCH_IDS, toy_model
 from tests.fakes.world import make_world
 
 FAST = FewShotConfig(steps=30)
@@ -155,3 +156,17 @@ def test_fewer_than_two_labels_is_a_typed_error(world):
 def test_jobs_come_at_k_labels_then_each_time_the_count_has_grown_by_the_factor(settings, due):
     config = FewShotConfig(**settings)
     assert [n for n in range(33) if config.due(n)] == due
+
+
+@pytest.mark.parametrize("arch", ARCH_IDS)
+def test_few_shot_fine_tunes_every_architecture(arch):
+    model = toy_model(arch)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, size=(5, 64, 64), dtype=np.uint8) for _ in range(2)]
+    masks = [rng.integers(0, 4, size=(64, 64), dtype=np.uint8) for _ in range(2)]
+    config = FewShotConfig(steps=2, crop=64, batch_size=2)
+    tuned = few_shot_adapt(model, images, masks, None, config, seed=0, device="cpu")
+    changed = [k for k, v in tuned.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert changed and type(tuned) is type(model)
+    x = torch.from_numpy(images[0][None]).float()
+    assert tuned(x).shape == (1, 4, 64, 64)

@@ -110,3 +110,17 @@ def test_deeplab_adapts_with_a_batch_of_one_tile():
     out = model(torch.rand(1, 5, 64, 64) * 255)
     assert out.shape == (1, 4, 64, 64)
     assert isinstance(UNet(ARCHS["unet"]).classifier(), torch.nn.Conv2d)  # type: ignore[arg-type]
+
+
+def test_building_smp_models_opens_no_connection(monkeypatch):
+    """encoder_weights=None: no hub download, whatever the architecture or encoder."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access while building a model: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for spec in ("flair-baseline", "smp:FPN:efficientnet-b0", "smp:UnetPlusPlus:resnet18"):
+        model = model_from_config(resolve_arch(spec, in_channels=5, num_classes=13).config)
+        assert model(torch.zeros(1, 5, 64, 64)).shape == (1, 13, 64, 64)
