@@ -83,11 +83,9 @@ class DemoConfig(StrictModel):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        from terradapt.architectures import PRESETS
+        from terradapt.architectures import check_arch_spec
 
-        if v not in (*PRESETS, "unet") and not (v.startswith("smp:") and len(v.split(":")) == 3):
-            raise ValueError(f"arch {v!r}: expected one of {sorted(PRESETS)} or smp:<Arch>:<encoder>")
-        return v
+        return check_arch_spec(v)  # an ArchitectureError is a ValueError: pydantic reports it
 
 
 #: ``terradapt demo --quick``: a configuration for tests and smoke runs.

@@ -15,6 +15,7 @@ Presets name a complete spec a user can ask for by name (``--arch flair-baseline
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -91,8 +92,8 @@ class SmpModel(SegmentationModel):
         except AttributeError as exc:
             raise ArchitectureError(f"feature_layer {config.feature_layer!r} is not a layer of {config.arch}") from exc
 
-    @property
-    def feature_dim(self) -> int:
+    @cached_property
+    def feature_dim(self) -> int:  # a named layer's width is probed with one forward, once
         if self.feature_layer == "encoder":
             return int(getattr(self.net.encoder, "out_channels")[-1])  # noqa: B009 (smp encoders declare it)
         with torch.no_grad():
@@ -180,6 +181,21 @@ PRESETS: dict[str, str] = {
 }
 
 
+def check_arch_spec(spec: str) -> str:
+    """``spec`` if it is a valid ``--arch`` value (``resolve_arch`` grammar), without any data to resolve it against.
+
+    Raises:
+        ArchitectureError: neither a preset nor ``smp:<Arch>:<encoder>``.
+
+    """
+    parts = spec.split(":")
+    if spec in (*PRESETS, "unet") or (len(parts) == 3 and parts[0] == "smp" and all(parts[1:])):
+        return spec
+    raise ArchitectureError(
+        f"--arch {spec!r}: expected one of {sorted(PRESETS)} or smp:<Arch>:<encoder> (e.g. smp:DeepLabV3Plus:resnet18)"
+    )
+
+
 def resolve_arch(spec: str, *, in_channels: int, num_classes: int, base_channels: int = 16) -> ArchSpec:
     """Turn an ``--arch`` value into a spec for data with ``in_channels`` bands and ``num_classes`` classes.
 
@@ -202,10 +218,5 @@ def resolve_arch(spec: str, *, in_channels: int, num_classes: int, base_channels
             normalisation=(FLAIR_MEAN, FLAIR_STD),
             tile_size=512,
         )
-    parts = spec.split(":")
-    if len(parts) == 3 and parts[0] == "smp" and all(parts[1:]):
-        config = SmpConfig(in_channels=in_channels, num_classes=num_classes, arch=parts[1], encoder=parts[2])
-        return ArchSpec(config)
-    raise ArchitectureError(
-        f"--arch {spec!r}: expected one of {sorted(PRESETS)} or smp:<Arch>:<encoder> (e.g. smp:DeepLabV3Plus:resnet18)"
-    )
+    _, arch, encoder = check_arch_spec(spec).split(":")
+    return ArchSpec(SmpConfig(in_channels=in_channels, num_classes=num_classes, arch=arch, encoder=encoder))

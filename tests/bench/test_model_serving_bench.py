@@ -35,7 +35,10 @@ def test_in_process_measurement_and_section(tmp_path):
 
 
 def test_worker_pids_finds_marked_descendants():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "model_service_worker"])
+    # a stand-in worker that blocks on its stdin until killed
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", "model_service_worker"], stdin=subprocess.PIPE
+    )
     try:
         assert child.pid in bench.worker_pids(os.getpid())
         assert bench.proc_status_kib(child.pid, "VmRSS") > 0
