@@ -7,7 +7,7 @@ SERVICES := bash deploy/local/services.sh
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
 .PHONY: install demo test test-unit lint system-deps services-install services-up services-down services-status \
-	torchserve-up torchserve-down docs bench-extras bench clean
+	torchserve-up torchserve-down docs bench-extras bench fuzz clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ torchserve-up: install
 
 torchserve-down:
 	bash deploy/torchserve/torchserve.sh stop
+
+## make fuzz: the fuzz tests (records, raster bytes, pipeline) with many more, randomly seeded examples
+## (FUZZ_SCALE times the bounded, derandomized set that make test runs; a failure prints its seed and blob)
+FUZZ_SCALE ?= 40
+fuzz: install
+	OMP_NUM_THREADS=1 TERRADAPT_HYPOTHESIS_PROFILE=fuzz TERRADAPT_FUZZ_SCALE=$(FUZZ_SCALE) \
+		$(PY) -m pytest -m fuzz --timeout 3600 $(PYTEST_ARGS)
 
 docs: install system-deps
 	TERRADAPT_WRITE_DOCS=1 $(PY) -m pytest -m docs tests/test_dashboard.py

@@ -23,7 +23,12 @@ Checks, each with the reason recorded when it fails:
   calibrated margin, and the class-mix jump / agreement heuristics above are *not* applied: measured on the
   tuning set they refused repairs and shipped damage alike, while the estimator is calibrated for exactly that
   decision (``use_heuristics`` brings them back on top). Without a selector (calibration without labels) the
-  heuristics decide, as before.
+  heuristics decide, as before;
+* **degenerate tiles** (``adapters.tile_quality``) - ``Gate.check`` judges on the informative distinct tiles only
+  (flat, clipped and byte-duplicated tiles set aside) and refuses when they are too few: label-free checks on
+  all-black, saturated or one repeated tile say nothing about the region's real imagery, and measured on the test
+  world every method's candidate adapted on such a stream passed the other checks while losing most of the
+  region's clean mIoU (tests/stream/test_poisoned_streams.py).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch
 from pydantic import Field
 
 from adapters.selection import SelectionConfig, Selector, VersionOutputs, selection_features
+from adapters.tile_quality import TileQualityConfig, screen
 from terradapt.classes import IGNORE_INDEX
 from terradapt.metrics import confusion_matrix, miou, pixel_entropy, total_variation
 from terradapt.model import SegmentationModel
@@ -58,6 +64,7 @@ class GateConfig(StrictModel):
     use_heuristics: bool = Field(
         default=False, description="also apply the class-mix jump / agreement checks when a selector decides"
     )
+    tile_quality: TileQualityConfig = Field(default_factory=TileQualityConfig)
 
 
 @dataclass(frozen=True)
@@ -224,10 +231,19 @@ class Gate:
         context: GateContext | None = None,
         masks: Sequence[npt.NDArray[np.uint8] | None] | None = None,
     ) -> GateResult:
-        """Compare candidate and current model on the region's recent tiles (N, C, H, W)."""
+        """Compare candidate and current model on the region's recent tiles (N, C, H, W).
+
+        Only the informative distinct tiles are judged (``adapters.tile_quality``); when they are too few, the
+        candidate is refused with a ``degenerate tiles`` reason whatever the other checks say.
+        """
+        screening = screen(list(tiles.detach().cpu().numpy()), self.config.tile_quality)
+        if screening.excluded and screening.informative:
+            keep = list(screening.informative)
+            tiles = tiles[keep]
+            masks = None if masks is None else [masks[i] for i in keep]
         cand_maps, cand_ent, cand_conf = _predict(candidate, tiles)
         cur_maps, cur_ent, cur_conf = _predict(current, tiles)
-        return judge(
+        result = judge(
             list(cand_maps.cpu().numpy()),
             cand_ent.cpu().tolist(),
             list(cur_maps.cpu().numpy()),
@@ -239,3 +255,10 @@ class Gate:
             candidate_confidence=cand_conf.cpu().tolist(),
             current_confidence=cur_conf.cpu().tolist(),
         )
+        if not self.config.tile_quality.enabled:
+            return result
+        metrics = result.metrics | screening.metrics()
+        metrics["tiles"] = float(screening.total)
+        if screening.usable:
+            return GateResult(result.accepted, result.reasons, metrics)
+        return GateResult(False, (screening.reason(), *result.reasons), metrics)

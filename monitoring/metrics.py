@@ -55,6 +55,7 @@ DEAD_LETTER_REASONS: Final = (
     "malformed_payload",
     "unknown_region",
     "missing_object",
+    "forbidden_href",
     "missing_model_version",
     "checksum_mismatch",
     "unknown_name",

@@ -309,7 +309,8 @@ class RegionMonitor:
         between restarts) starts a fresh window, with a warning, instead of misreading the old one.
         """
         self.tiles_seen = int(state["tiles_seen"])
-        self.detected_at = state["detected_at"]
+        detected = state["detected_at"]
+        self.detected_at = None if detected is None else int(detected)  # a wrong type fails here, not tiles later
         self.model_version = int(state.get("model_version", 0))
         warm = state.get("warmup")
         self._warmup = None if warm is None else [TileFeatures.from_dict(d) for d in warm]

@@ -34,6 +34,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 import terradapt
 from serving.codec import HandlerConfig, StorageError, encode_prediction, error_body, error_status
+from serving.hrefs import read_bounded
 from serving.predictor import TileOutput, predict_images
 from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, decode
 from terradapt.errors import InvalidPayloadError, ObjectNotFoundError, OversizedTileError, TerradaptError
@@ -230,10 +231,22 @@ class TerradaptHandler(BaseHandler):  # type: ignore[misc]  # ts is untyped
             if missing:
                 names = ", ".join(f"TERRADAPT_S3__{n}" for n in missing)
                 raise StorageError(f"object store not configured for URI requests: set {names} for TorchServe")
-            from minio import Minio  # only URI requests need the client
+            # only URI requests need the client; the same construction as the workers' (CA file, TLS checks)
+            from pydantic import SecretStr
 
-            secure = (_env("SECURE") or "false").lower() == "true"
-            self._storage = Minio(str(endpoint), access_key=access, secret_key=secret, secure=secure)
+            from serving.minio_store import minio_client
+            from terradapt.settings import S3Config
+
+            ca_file = _env("CA_FILE")
+            self._storage = minio_client(
+                S3Config(
+                    endpoint=str(endpoint),
+                    access_key=SecretStr(str(access)),
+                    secret_key=SecretStr(str(secret)),
+                    secure=(_env("SECURE") or "false").lower() == "true",
+                    ca_file=Path(ca_file) if ca_file else None,
+                )
+            )
         return self._storage
 
     def _fetch(self, uri: str) -> bytes:
@@ -252,7 +265,7 @@ class TerradaptHandler(BaseHandler):  # type: ignore[misc]  # ts is untyped
                 raise OversizedTileError("bytes", size, f"at most {self.config.max_object_bytes} bytes")
             response = client.get_object(bucket, key)
             try:
-                return bytes(response.read())
+                return read_bounded(response.stream(1 << 20), self.config.max_object_bytes, uri)
             finally:
                 response.close()
                 response.release_conn()

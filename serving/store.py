@@ -11,6 +11,7 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -51,6 +52,36 @@ class BlobStore(Protocol):
 
     def uri(self, key: str) -> str:
         """A URI naming ``key`` (file:// or s3://)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a store knows about one object without reading it: its size and the sha256 it was stored with."""
+
+    size: int
+    sha256: str | None  # None: stored without the checksum (an object written by something else)
+
+
+@runtime_checkable
+class ChecksummedStore(Protocol):
+    """A store that keeps each object's sha256 beside it, so a writer can tell "already stored" from a collision.
+
+    ``terradapt ingest`` uses it to skip uploads on a re-run without reading the objects back.
+    """
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and stored sha256 of ``key``; None when absent."""
+        ...
+
+    def put_with_sha256(
+        self, key: str, data: bytes, sha256: str, content_type: str = "application/octet-stream"
+    ) -> str:
+        """Write ``data`` at ``key`` with its sha256 kept as metadata; return its URI."""
+        ...
+
+    def uri(self, key: str) -> str:
+        """A URI naming ``key``."""
         ...
 
 

@@ -31,6 +31,7 @@ def raster_spec(settings: Settings) -> RasterSpec:
         require_crs=sc.expected_crs is not None,
         max_bytes=sc.max_tile_bytes,
         max_pixels=sc.max_tile_pixels,
+        max_decoded_bytes=sc.max_decoded_bytes,
     )
 
 

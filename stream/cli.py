@@ -143,23 +143,51 @@ def ingest(
     region: Annotated[str, typer.Option(help="region code, e.g. D033")],
     config: ConfigOption = None,
 ) -> None:
-    """Upload GeoTIFFs to MinIO and publish their STAC items on the acquisitions topic (key = region)."""
+    """Upload GeoTIFFs to MinIO and publish their STAC items on the acquisitions topic (key = region).
+
+    Outages of Kafka or MinIO are retried with backoff up to ``[ingest] deadline_s`` (``TERRADAPT_INGEST__*``).
+    Re-running is safe: objects already stored with the same sha256 are not uploaded again and the same
+    acquisition ids are published. Exits 1 only when a file stayed unpublished (each is listed with its reason).
+    """
     from serving.minio_store import MinioStore, minio_client
+    from serving.retrying import RetryEvent
     from stream.config import Settings
+    from stream.kafka.ingest import FileResult, KafkaPublisher
     from stream.kafka.ingest import ingest as run_ingest
-    from stream.kafka.ingest import make_producer
     from stream.topics import Topics
 
     settings = _settings(config)
     assert isinstance(settings, Settings)
-    store = MinioStore(minio_client(settings.s3), settings.s3.bucket_acquisitions)
-    producer = make_producer(settings.kafka.bootstrap)
+    console = _console()
+    # no call at construction: the bucket is created on the first upload, the producer on the first publish
+    store = MinioStore(minio_client(settings.s3), settings.s3.bucket_acquisitions, create=False)
+    publisher = KafkaPublisher.from_settings(settings.kafka, settings.ingest)
     topic = Topics.with_prefix(settings.kafka.topic_prefix).acquisitions
-    with Progress(console=_console()) as progress:
+
+    def retrying(event: RetryEvent) -> None:
+        console.print(
+            f"{event.service} unavailable ({event.what}): {event.error}; "
+            f"retry {event.attempt} in {event.delay_s:.1f} s",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    with Progress(console=console) as progress:
         task = progress.add_task(f"ingesting {region}", total=len(paths))
-        acqs = run_ingest(paths, region, store, producer, topic, lambda _: progress.advance(task))
-    producer.close()
-    _console().print(f"published {len(acqs)} acquisitions to {topic}")
+
+        def advanced(_: FileResult) -> None:
+            progress.advance(task)
+
+        try:
+            report = run_ingest(
+                paths, region, store, publisher, topic, advanced, config=settings.ingest, on_retry=retrying
+            )
+        finally:
+            publisher.close()
+    console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -184,7 +212,7 @@ def label(
     record = LabelRecord(
         acquisition_id=acquisition_id, region=region, href=href, encoding="flair19" if flair19 else "classes"
     )
-    producer = make_producer(settings.kafka.bootstrap)
+    producer = make_producer(settings.kafka)
     topic = Topics.with_prefix(settings.kafka.topic_prefix).labels
     producer.send(topic, key=region.encode(), value=record.to_json()).get(timeout=30)
     producer.close()

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from adapters.config import AdaptationConfig
@@ -34,12 +34,53 @@ class StreamConfig(StrictModel):
     app_id: str = "terradapt"
     regions: tuple[str, ...] = Field(default=(), description="regions served; empty = any valid region code")
     max_tile_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    allowed_buckets: tuple[str, ...] | None = Field(
+        default=None, description="buckets an acquisition's s3:// href may name; None = the acquisitions bucket"
+    )
+    file_root: Path | None = Field(
+        default=None, description="folder file:// hrefs may read from (inside it only); None = file:// refused"
+    )
+    storage_retry_s: float = Field(
+        default=120.0, ge=0, description="how long a storage call retries a transient outage before giving up"
+    )
     max_tile_pixels: int = Field(default=64_000_000, ge=1024)
+    max_decoded_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=1024, description="largest decoded raster (and internal block) from the header"
+    )
     buffer_tiles: int = Field(default=16, ge=1, description="recent tiles kept per region for adaptation")
     predict_retries: int = Field(default=3, ge=0, description="retries of a transient predictor failure per tile")
     label_window: int = Field(default=50, ge=1, description="labelled tiles per (region, version) accuracy window")
     band_count: int | None = 5
     expected_crs: str | None = "EPSG:2154"
+
+
+class IngestConfig(StrictModel):
+    """``terradapt ingest``: how a run rides out a Kafka or object-store outage.
+
+    A failing call is retried with exponential backoff and jitter while its failure looks transient, until
+    ``deadline_s`` has passed since the outage's first failure; then the service counts as down for the rest of
+    the run and the files it was needed for are reported unpublished (a re-run finishes them). An attempt in
+    flight at the deadline may take up to ``attempt_timeout_s`` more.
+    """
+
+    deadline_s: float = Field(
+        default=120.0, ge=0, description="longest wait for a service that stays unavailable; 0 = one attempt only"
+    )
+    attempt_timeout_s: float = Field(
+        default=10.0, gt=0, description="one Kafka attempt: connect and bootstrap, topic metadata, acknowledgement"
+    )
+    backoff_initial_s: float = Field(default=0.5, gt=0, description="first delay between attempts")
+    backoff_max_s: float = Field(default=10.0, gt=0, description="delays double up to this")
+    jitter: float = Field(default=0.5, ge=0, le=1, description="each delay is drawn from [(1 - jitter) d, d]")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IngestConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"backoff_max_s={self.backoff_max_s} < backoff_initial_s={self.backoff_initial_s}; "
+                "accepted: backoff_max_s >= backoff_initial_s"
+            )
+        return self
 
 
 class MetricsConfig(StrictModel):
@@ -115,6 +156,7 @@ class Settings(BaseSettings):
     adaptation: AdaptationConfig = Field(default_factory=AdaptationConfig)
     trigger: TriggerConfig = Field(default_factory=TriggerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 

@@ -31,12 +31,12 @@ import numpy as np
 
 from adapters.buffer import BufferedTile
 from adapters.config import AdaptationConfig
-from adapters.fewshot import few_shot_context, few_shot_job, rollout_tiles, run_few_shot
+from adapters.fewshot import few_shot_context, rollout_tiles, run_few_shot
 from adapters.gate import GateContext
 from adapters.policy import AdaptationOutcome, adapt_or_reset, gate_context
 from adapters.selection import Selector
+from adapters.tile_quality import informative_tiles
 from adapters.trigger import Trigger, TriggerConfig
-from monitoring.accuracy import DelayedLabelTracker, LabelJoin
 from monitoring.calibration import CalibrationData, CalibrationError
 from monitoring.monitor import MonitorConfig, MonitorUpdate, RegionMonitor
 from serving.label_store import LabelStore
@@ -44,6 +44,7 @@ from serving.predictor import Predictor, TileOutput
 from serving.registry import SOURCE, ModelRegistry
 from serving.rollout import Deployer, RolloutContext
 from serving.store import BlobStore, TileReader
+from stream.labels import keep_label
 from stream.observer import NullObserver, PipelineObserver, timed
 from stream.outcome import (
     KeyMismatchError,
@@ -52,9 +53,8 @@ from stream.outcome import (
     PredictorUnavailableError,
     compact_json,
     dead_letter,
-    json_object,
 )
-from stream.state import RecentTile, RegionState
+from stream.state import RecentTile, RegionState, restore_region, restore_tracker
 from stream.topics import TopicName, Topics
 from terradapt.checkpoint import ModelManifest
 from terradapt.classes import flair_to_13
@@ -279,13 +279,8 @@ class Pipeline:
         return self._monitor_template.fresh()
 
     def load_state(self, data: bytes | None) -> RegionState:
-        """A region's state from its stored bytes (a fresh one for a region seen for the first time)."""
-        if data is not None:
-            try:
-                return RegionState.from_bytes(data, self.new_monitor(), self.buffer_tiles)
-            except (ValueError, KeyError, TypeError) as exc:  # a stuck region is worse than a fresh monitor
-                log.error("stored region state unreadable (%s): starting the region afresh", exc)
-        return RegionState(self.new_monitor())
+        """A region's state from its stored bytes (fresh for a new region, or when unreadable)."""
+        return restore_region(data, self.new_monitor, self.buffer_tiles)
 
     # == adaptation jobs ===========================================================================================
     def run_job(self, payload: bytes, key: str | None) -> Outcome:
@@ -316,7 +311,7 @@ class Pipeline:
         if done is None and job.base_version != current:
             log.info("job %s is stale: base v%s, region now serves v%s", job.job_id, job.base_version, current)
             return Outcome()
-        tiles = self._job_tiles(job)
+        tiles = informative_tiles(self._job_tiles(job), self.adaptation.gate.tile_quality)
         labelled = self._labelled_tiles(job)
         if not tiles and not labelled:
             return self._dead(
@@ -454,9 +449,7 @@ class Pipeline:
             if label.encoding == "flair19":
                 mask = flair_to_13(mask)
             class_map, tags = read_prediction(self.predictions.get(f"{label.region}/{label.acquisition_id}.tif"))
-            tracker = DelayedLabelTracker(self.num_classes, self.label_window)
-            if state is not None:
-                tracker.load_state_dict(json_object(state))
+            tracker = restore_tracker(state, self.num_classes, self.label_window)
             version = int(tags.get("model_version", "-1"))
             tracker.record_prediction(label.acquisition_id, label.region, version, class_map=class_map)
             join = tracker.add_label(label.acquisition_id, mask)
@@ -471,36 +464,8 @@ class Pipeline:
             letter = dead_letter(self.topics.name("labels"), "labels", join.detail, payload, key, "invalid_tile")
             self.observer.dead_letter(letter, None, time.perf_counter() - started)
             return Outcome((Outgoing("deadletter", key or "unknown", letter),), new_state)
-        job = self._keep_label(label, mask, tags, join)
+        job = keep_label(self.labels, self.registry, self.adaptation.few_shot, label, mask, tags, join)
         return Outcome(() if job is None else (Outgoing("adaptation_jobs", label.region, job),), new_state)
-
-    def _keep_label(
-        self, label: LabelRecord, mask: np.ndarray, tags: dict[str, str], join: LabelJoin
-    ) -> AdaptationJob | None:
-        """Keep a joined label for few-shot adaptation; the region's few-shot job when its label count is due.
-
-        The image is the acquisition the prediction COG names. Failing to keep a label costs the few-shot set one
-        tile, never the label's accuracy join, so it is logged rather than dead-lettered. The job carries the ids
-        of the region's kept labels and no unlabelled tiles: this path does not see the region's recent
-        acquisitions (they are in the acquisitions' state).
-        """
-        config = self.adaptation.few_shot
-        if self.labels is None or not config.enabled or join.outcome != "joined":
-            return None
-        href = tags.get("acquisition_href")
-        if not href:
-            log.warning("label %s: its prediction names no acquisition href; not kept", label.acquisition_id)
-            return None
-        try:
-            count = self.labels.add(label.region, label.acquisition_id, href, mask)
-        except TerradaptError as exc:
-            log.warning("label %s not kept for few-shot adaptation: %s", label.acquisition_id, exc)
-            return None
-        if not config.due(count):
-            return None
-        labels = tuple(self.labels.list(label.region))
-        base = self.registry.current(label.region)
-        return few_shot_job(label.region, label.acquisition_id, count, base, labels, config)
 
     # == dead letters ==============================================================================================
     def _dead(

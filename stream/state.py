@@ -10,13 +10,23 @@ rebuilds from the calibration data with its own settings), two counters, and the
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters.trigger import TriggerState
+from monitoring.accuracy import DelayedLabelTracker
 from monitoring.monitor import RegionMonitor
+from stream.outcome import json_object
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+
+#: what restoring a stored state that is not one of ours raises (wrong JSON, wrong shapes, numbers out of range,
+#: nesting too deep)
+UNREADABLE_STATE = (ValueError, KeyError, TypeError, AttributeError, IndexError, OverflowError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -69,3 +79,29 @@ class RegionState:
         monitor.load_state_dict(payload["monitor"])
         recent = deque((RecentTile(str(i), str(h)) for i, h in payload["recent"]), maxlen=capacity)
         return cls(monitor, TriggerState.from_dict(payload["trigger"]), recent)
+
+
+def restore_region(data: bytes | None, new_monitor: Callable[[], RegionMonitor], capacity: int) -> RegionState:
+    """A region's state from its stored bytes; a fresh one for a new region or unreadable bytes.
+
+    A stuck region (every acquisition dead-lettered because its state cannot be read) is worse than a fresh
+    monitor, so unreadable bytes are logged and replaced.
+    """
+    if data is not None:
+        try:
+            return RegionState.from_bytes(data, new_monitor(), capacity)
+        except UNREADABLE_STATE as exc:
+            log.error("stored region state unreadable (%s): starting the region afresh", exc)
+    return RegionState(new_monitor())
+
+
+def restore_tracker(data: bytes | None, num_classes: int, window: int) -> DelayedLabelTracker:
+    """A region's delayed-label tracker from its stored bytes; a fresh one when new or unreadable."""
+    tracker = DelayedLabelTracker(num_classes, window)
+    if data is not None:
+        try:
+            tracker.load_state_dict(json_object(data))
+        except UNREADABLE_STATE as exc:
+            log.error("stored label state unreadable (%s): starting the region's accuracy afresh", exc)
+            tracker = DelayedLabelTracker(num_classes, window)
+    return tracker

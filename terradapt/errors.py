@@ -74,6 +74,16 @@ class ObjectNotFoundError(TerradaptError, LookupError):
         super().__init__(f"object not found: {uri}")
 
 
+class ForbiddenHrefError(TerradaptError, PermissionError):
+    """An href names something a worker may not read (another bucket, a file outside the root, a device...)."""
+
+    reason = "forbidden_href"
+
+    def __init__(self, href: str, accepted: str) -> None:
+        self.href = href
+        super().__init__(f"href {href!r} not allowed; accepted: {accepted}")
+
+
 class ModelVersionNotFoundError(TerradaptError, LookupError):
     """A model version is not in the registry."""
 

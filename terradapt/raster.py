@@ -1,9 +1,12 @@
 """Raster I/O at the edge of the pipeline: validated reads, GeoTIFF/COG writes, tiling and stitching.
 
-Every tile that enters terradapt goes through `read_raster`, which checks the cheap things (byte size, pixel
-count, bands, dtype, CRS, size) from the header *before* decoding pixels, so an oversized or malformed upload
-costs almost nothing to reject. Failures raise the typed errors of `terradapt.errors`, whose messages name the
-field, the value and what would be accepted: they end up verbatim in dead-letter records.
+Every tile that enters terradapt goes through `read_raster`, which checks the cheap things (byte size, format,
+pixel count, decoded size, block size, bands, dtype, CRS, size) from the header *before* decoding pixels, so an
+oversized or malformed upload costs almost nothing to reject: what a decode may allocate is bounded by the
+spec, never by what a header claims (a 77 kB file declaring 100000 x 100000 pixels is refused unread). Only
+image formats that cannot reference other files are opened (no VRT that would read a local path or a URL).
+Failures raise the typed errors of `terradapt.errors`, whose messages name the field, the value and what would
+be accepted: they end up verbatim in dead-letter records.
 
 Tiling (`plan_windows` / `extract_patches` / `stitch`) lets a fixed-size model run on rasters of any size;
 `stitch` blends overlapping predictions with a smooth weight so that patch seams do not show in the class map.
@@ -52,7 +55,11 @@ class RasterSpec:
         require_crs: Reject rasters without a CRS (predictions must be georeferenced to be used downstream).
         expected_crs: Required CRS (e.g. "EPSG:2154"), or None for any.
         max_pixels: Largest accepted height x width; guards memory before pixels are decoded.
+        max_decoded_bytes: Largest accepted decoded size (height x width x bands x bytes per sample), and largest
+            accepted internal block (tile or strip, all bands): what decoding may allocate, known from the header.
         max_bytes: Largest accepted encoded size in bytes.
+        drivers: GDAL drivers allowed to open the bytes: image formats that never read another file or URL
+            (a VRT payload could make the worker read local files or fetch URLs).
         min_size: Smallest accepted height and width: smaller tiles carry too little context to segment.
         max_nodata_fraction: Largest accepted share of nodata (or NaN) pixels.
         band_names: Expected band names, only used to make the band-count error message self-explanatory.
@@ -64,7 +71,9 @@ class RasterSpec:
     require_crs: bool = True
     expected_crs: str | None = None
     max_pixels: int = 64_000_000
+    max_decoded_bytes: int = 512 * 1024 * 1024
     max_bytes: int = 256 * 1024 * 1024
+    drivers: tuple[str, ...] = ("GTiff", "PNG", "JPEG")
     min_size: int = 32
     max_nodata_fraction: float = 0.5
     band_names: tuple[str, ...] | None = None
@@ -72,7 +81,7 @@ class RasterSpec:
     @classmethod
     def flair(cls) -> RasterSpec:
         """FLAIR-1 aerial tiles: 5 uint8 bands (R, G, B, NIR, elevation) in Lambert-93."""
-        return cls(band_count=5, dtype="uint8", expected_crs="EPSG:2154", band_names=FLAIR_BANDS)
+        return cls(band_count=5, dtype="uint8", expected_crs="EPSG:2154", band_names=FLAIR_BANDS, drivers=("GTiff",))
 
     def accepted_bands(self) -> str:
         """Human-readable description of the accepted band count, used in error messages."""
@@ -133,8 +142,21 @@ def _encoded_size(source: str | Path | bytes) -> int | None:
     return path.stat().st_size
 
 
+def _itemsize(dtype: str) -> int:
+    """Bytes per sample of a rasterio dtype name (GDAL-only names such as complex_int16 counted as the widest)."""
+    try:
+        return int(np.dtype(dtype).itemsize)
+    except TypeError:
+        return 16
+
+
 def _check_header(src: Any, spec: RasterSpec) -> None:
-    """Validate everything the header tells, before any pixel is decoded."""
+    """Validate everything the header tells, before any pixel is decoded.
+
+    The size checks come first and bound what ``src.read()`` may allocate: the output array (height x width x
+    bands x bytes per sample) and each internal block GDAL decodes whole (a tile may be far larger than the
+    image it belongs to).
+    """
     height, width, count = int(src.height), int(src.width), int(src.count)
     if height * width > spec.max_pixels:
         raise OversizedTileError(
@@ -142,8 +164,28 @@ def _check_header(src: Any, spec: RasterSpec) -> None:
             height * width,
             f"at most {spec.max_pixels} pixels (height x width), got {height}x{width}",
         )
+    if count < 1:
+        raise InvalidTileError("band_count", count, spec.accepted_bands())
     if spec.band_count is not None and count != spec.band_count:
         raise InvalidTileError("band_count", count, spec.accepted_bands())
+    itemsize = max(_itemsize(str(d)) for d in src.dtypes)
+    decoded = height * width * count * itemsize
+    if decoded > spec.max_decoded_bytes:
+        raise OversizedTileError(
+            "decoded_bytes",
+            decoded,
+            f"at most {spec.max_decoded_bytes} bytes once decoded, got {height}x{width} pixels x {count} bands x "
+            f"{itemsize} bytes",
+        )
+    for block_height, block_width in set(src.block_shapes):
+        block = int(block_height) * int(block_width) * count * itemsize
+        if block > spec.max_decoded_bytes:
+            raise OversizedTileError(
+                "block_bytes",
+                block,
+                f"internal blocks of at most {spec.max_decoded_bytes} bytes, got {block_height}x{block_width} "
+                f"pixels x {count} bands x {itemsize} bytes",
+            )
     bad_dtypes = sorted({str(d) for d in src.dtypes if str(d) != spec.dtype})
     if bad_dtypes:
         raise InvalidTileError("dtype", ",".join(bad_dtypes), f"{spec.dtype} for every band")
@@ -190,9 +232,11 @@ def read_raster(source: str | Path | bytes, spec: RasterSpec | None = None) -> R
 
     Raises:
         ObjectNotFoundError: A local path does not exist.
-        OversizedTileError: Too many bytes or pixels.
-        CorruptTileError: The data is not a readable raster, or is truncated.
-        InvalidTileError: Wrong band count, dtype, CRS, size, or too much nodata.
+        OversizedTileError: Too many bytes or pixels, or more decoded bytes (whole raster, or one internal block)
+            than ``spec.max_decoded_bytes``: refused from the header, before any pixel is decoded.
+        CorruptTileError: The data is not a readable raster of an allowed format (``spec.drivers``), or is truncated.
+        InvalidTileError: Wrong band count, dtype, CRS, size, too much nodata, or a path in a format outside
+            ``spec.drivers`` (field ``format``).
 
     """
     spec = spec or RasterSpec()
@@ -205,17 +249,20 @@ def read_raster(source: str | Path | bytes, spec: RasterSpec | None = None) -> R
         # JPEG/PNG inputs legitimately have no georeferencing; require_crs decides whether that is an error.
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         try:
-            if isinstance(source, bytes):
-                src = stack.enter_context(stack.enter_context(MemoryFile(source)).open())
+            if isinstance(source, bytes):  # bytes from a message: GDAL tries no other driver than these
+                src = stack.enter_context(stack.enter_context(MemoryFile(source)).open(driver=list(spec.drivers)))
             else:
                 src = stack.enter_context(rasterio.open(source))
         except RasterioError as exc:
-            raise CorruptTileError(f"cannot open: {exc}") from exc
+            raise CorruptTileError(f"cannot open as {'/'.join(spec.drivers)}: {exc}") from exc
+        if src.driver not in spec.drivers:
+            raise InvalidTileError("format", src.driver, " or ".join(spec.drivers), reason="corrupt_tile")
         _check_header(src, spec)
         try:
             data = src.read()
         except RasterioError as exc:  # truncated files often open fine and fail only here
-            raise CorruptTileError(f"cannot read pixels: {exc}") from exc
+            cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""  # GDAL's own words
+            raise CorruptTileError(f"cannot read pixels: {exc}{cause}") from exc
         descriptions = tuple(src.descriptions)
         raster = Raster(
             data=data,

@@ -15,10 +15,10 @@ import json
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pystac
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator
 
 from terradapt.errors import InvalidPayloadError
 
@@ -26,6 +26,9 @@ SCHEMA_VERSION = 1
 
 #: FLAIR-style departement codes (D001..D095, D02A, D02B) or dataset areas such as "dubai-3" / "synth-1".
 REGION_PATTERN = re.compile(r"^(D0[0-9]{2}|D02[AB]|[a-z]+-[0-9]+)$")
+
+#: acquisition and job ids: they become object keys (``<region>/<id>.tif``), so no path separators, no leading dot
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,199}$")
 
 _STAC_EXTENSION_PREFIX = "terradapt:"
 
@@ -43,6 +46,22 @@ def check_region(region: str) -> str:
             "or '<area>-<n>' (e.g. 'dubai-3')"
         )
     return region
+
+
+def check_id(value: str) -> str:
+    """Validate an acquisition or job id; raise ValueError naming the accepted form."""
+    if not ID_PATTERN.match(value):
+        raise ValueError(
+            f"id {value[:80]!r} is not an object id: expected 1 to 200 of A-Z a-z 0-9 _ . : + @ -, not starting "
+            "with '.', '-', ':', '+' or '@' (ids become object keys: no '/')"
+        )
+    return value
+
+
+#: an acquisition or job id (safe as the last segment of an object key)
+ObjectId = Annotated[str, AfterValidator(check_id)]
+#: a region code (the first segment of object keys, and the Kafka key)
+Region = Annotated[str, AfterValidator(check_region)]
 
 
 class Record(BaseModel):
@@ -67,6 +86,16 @@ class Record(BaseModel):
 R = TypeVar("R", bound=Record)
 
 
+def _errors(exc: ValidationError) -> str:
+    """The first validation errors, each as ``field: message (value)``, short enough for a dead letter."""
+    parts = []
+    for error in exc.errors(include_url=False)[:3]:
+        where = ".".join(str(part) for part in error["loc"]) or "payload"
+        value = repr(error.get("input"))
+        parts.append(f"{where}: {error['msg']} [{error['type']}] (got {value[:80]}{'...' if len(value) > 80 else ''})")
+    return "; ".join(parts)
+
+
 def parse_record(cls: type[R], payload: bytes | str | dict[str, Any]) -> R:
     """Parse a payload into a record, raising InvalidPayloadError with the reason on any problem."""
     try:
@@ -74,16 +103,47 @@ def parse_record(cls: type[R], payload: bytes | str | dict[str, Any]) -> R:
             return cls.model_validate(payload)
         return cls.model_validate_json(payload)
     except ValidationError as exc:
-        raise InvalidPayloadError(f"payload is not a valid {cls.__name__}: {exc.errors()[:3]}") from exc
+        raise InvalidPayloadError(f"payload is not a valid {cls.__name__}: {_errors(exc)}") from exc
+
+
+class _StacBand(BaseModel):
+    name: str
+
+
+class _StacAsset(BaseModel):
+    """The fields of a STAC asset an acquisition reads (anything else is allowed and ignored)."""
+
+    href: str
+    bands: list[_StacBand] = Field(default_factory=list, alias="eo:bands")
+    checksum: str | None = Field(default=None, alias="file:checksum")
+
+
+class _StacProperties(BaseModel):
+    region: str = Field(alias="terradapt:region")  # _STAC_EXTENSION_PREFIX
+    schema_version: int = Field(default=SCHEMA_VERSION, alias="terradapt:schema_version")
+    moment: datetime | None = Field(default=None, alias="datetime")
+    start: datetime | None = Field(default=None, alias="start_datetime")
+    proj_code: str | None = Field(default=None, alias="proj:code")
+    constellation: str = "aerial-vhr"
+
+
+class _StacItem(BaseModel):
+    """The wire form of an acquisition: the STAC Item fields it reads, typed (other STAC fields pass unread)."""
+
+    type: Literal["Feature"]
+    id: str
+    bbox: list[float] | None = None
+    properties: _StacProperties
+    assets: dict[str, _StacAsset]
 
 
 class Acquisition(Record):
     """One newly acquired tile: a STAC Item whose single data asset is a GeoTIFF in storage."""
 
-    id: str = Field(min_length=1, max_length=200)
+    id: ObjectId
     region: str
     datetime: datetime
-    bbox: tuple[float, float, float, float]
+    bbox: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat]
     crs: str | None = "EPSG:2154"
     sensor: str = "aerial-vhr"
     bands: tuple[str, ...] = ("red", "green", "blue", "nir", "elevation")
@@ -114,10 +174,9 @@ class Acquisition(Record):
         extra: dict[str, Any] = {"eo:bands": [{"name": b} for b in self.bands]}
         if self.sha256:
             extra["file:checksum"] = self.sha256
-        item.add_asset(
-            "data",
-            pystac.Asset(href=self.href, media_type=pystac.MediaType.GEOTIFF, roles=["data"], extra_fields=extra),
-        )
+        asset = pystac.Asset(href=self.href, media_type=pystac.MediaType.GEOTIFF, roles=["data"], extra_fields=extra)
+        asset.href = self.href  # pystac turns backslashes into slashes: the wire carries the href as given
+        item.add_asset("data", asset)
         return item
 
     def to_json(self) -> bytes:
@@ -126,35 +185,48 @@ class Acquisition(Record):
 
     @classmethod
     def from_stac(cls, item: pystac.Item | dict[str, Any] | bytes | str) -> Acquisition:
-        """Parse a STAC Item (object, dict or JSON); raise InvalidPayloadError when it is not one of ours."""
+        """Parse a STAC Item (object, dict or JSON); raise InvalidPayloadError when it is not one of ours.
+
+        The JSON is checked against the fields an acquisition reads (``_StacItem``) before anything is built from
+        it, so any payload ends as an acquisition or an InvalidPayloadError naming the field, whatever its shape.
+        A datetime without a zone is taken as UTC (RFC 3339 requires one); a null datetime falls back to the
+        Item's ``start_datetime``.
+        """
         try:
-            if isinstance(item, (bytes, str)):
+            if isinstance(item, pystac.Item):
+                item = item.to_dict(include_self_link=False)
+            elif isinstance(item, (bytes, str)):
                 item = json.loads(item)
-            if isinstance(item, dict):
-                item = pystac.Item.from_dict(item)
-            if not isinstance(item, pystac.Item):
-                raise TypeError(f"expected a JSON object, got {type(item).__name__}")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InvalidPayloadError(f"payload is not a STAC Item: {exc}") from exc
-        props = item.properties
-        asset = item.assets.get("data")
+        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or nested past the parser's stack
+            raise InvalidPayloadError(f"payload is not a STAC Item: not JSON ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(item, dict):
+            raise InvalidPayloadError(f"payload is not a STAC Item: expected a JSON object, got {type(item).__name__}")
+        try:
+            wire = _StacItem.model_validate(item)
+        except ValidationError as exc:
+            raise InvalidPayloadError(f"payload is not a STAC Item: {_errors(exc)}") from exc
+        asset = wire.assets.get("data")
         if asset is None:
-            raise InvalidPayloadError("STAC Item has no 'data' asset")
+            raise InvalidPayloadError(f"STAC Item has no 'data' asset (assets: {sorted(wire.assets)[:5]})")
+        props = wire.properties
+        when = props.moment or props.start
+        if when is None:
+            raise InvalidPayloadError("STAC Item has neither 'datetime' nor 'start_datetime' in its properties")
         try:
             return cls(
-                schema_version=int(props.get(f"{_STAC_EXTENSION_PREFIX}schema_version", SCHEMA_VERSION)),
-                id=item.id,
-                region=str(props.get(f"{_STAC_EXTENSION_PREFIX}region", "")),
-                datetime=item.datetime or utcnow(),
-                bbox=tuple(item.bbox or (0.0, 0.0, 0.0, 0.0)),  # type: ignore[arg-type]
-                crs=props.get("proj:code"),
-                sensor=str(props.get("constellation", "aerial-vhr")),
-                bands=tuple(b["name"] for b in asset.extra_fields.get("eo:bands", [])),
+                schema_version=props.schema_version,
+                id=wire.id,
+                region=props.region,
+                datetime=when if when.tzinfo is not None else when.replace(tzinfo=UTC),
+                bbox=tuple(wire.bbox or (0.0, 0.0, 0.0, 0.0)),  # type: ignore[arg-type]
+                crs=props.proj_code,
+                sensor=props.constellation,
+                bands=tuple(b.name for b in asset.bands),
                 href=asset.href,
-                sha256=asset.extra_fields.get("file:checksum"),
+                sha256=asset.checksum,
             )
         except ValidationError as exc:
-            raise InvalidPayloadError(f"STAC Item is not a valid acquisition: {exc.errors()[:3]}") from exc
+            raise InvalidPayloadError(f"STAC Item is not a valid acquisition: {_errors(exc)}") from exc
 
 
 class TilePrediction(Record):
@@ -191,8 +263,8 @@ class FeatureStats(Record):
 class DriftEvent(Record):
     """A region's calibrated test fired (or cleared)."""
 
-    region: str
-    acquisition_id: str
+    region: Region
+    acquisition_id: ObjectId
     tiles_seen: int
     signal: str
     score: float
@@ -206,15 +278,15 @@ class DriftEvent(Record):
 class AdaptationJob(Record):
     """A request to adapt one region's model on its recent tiles."""
 
-    job_id: str
-    region: str
+    job_id: ObjectId
+    region: Region
     base_version: int
     method: str
-    tile_ids: tuple[str, ...]
+    tile_ids: tuple[ObjectId, ...]
     tile_hrefs: tuple[str, ...] = ()
     trigger: DriftEvent
-    label_shift: tuple[float, ...] | None = None
-    labels: tuple[str, ...] = ()  # labelled tiles (acquisition ids) of a few-shot job; empty = label-free job
+    label_shift: tuple[FiniteFloat, ...] | None = None
+    labels: tuple[ObjectId, ...] = ()  # labelled tiles (acquisition ids) of a few-shot job; empty = label-free job
     created: datetime = Field(default_factory=utcnow)
 
 
@@ -279,7 +351,7 @@ class LabelRecord(Record):
     255 = ignore) or raw FLAIR labels 1..19 (``encoding="flair19"``, mapped to the 13 classes on arrival).
     """
 
-    acquisition_id: str
-    region: str
+    acquisition_id: ObjectId
+    region: Region
     href: str
     encoding: Literal["classes", "flair19"] = "classes"

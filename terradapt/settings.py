@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 
 class StrictModel(BaseModel):
@@ -28,6 +28,41 @@ class KafkaConfig(StrictModel):
     topic_prefix: str = "terradapt."
     partitions: int = Field(default=4, ge=1)
     session_timeout_s: float = Field(default=10.0, ge=6.0, description="a dead worker's partitions move after this")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] = "SCRAM-SHA-512"
+    username: str | None = Field(default=None, description="SASL user")
+    password: SecretStr | None = Field(default=None, description="SASL password (environment only, never a file)")
+    password_file: Path | None = Field(default=None, description="file holding the SASL password (a mounted secret)")
+    ca_file: Path | None = Field(default=None, description="PEM CA bundle that signed the broker's certificate")
+    cert_file: Path | None = Field(default=None, description="PEM client certificate (mutual TLS)")
+    key_file: Path | None = Field(default=None, description="PEM private key of the client certificate")
+    check_hostname: bool = Field(default=True, description="verify the broker's certificate names its host")
+
+    @model_validator(mode="after")
+    def _complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and (
+            self.username is None or (self.password is None and self.password_file is None)
+        ):
+            raise ValueError(
+                f"security_protocol={self.security_protocol} needs username and password (TERRADAPT_KAFKA__USERNAME, "
+                "TERRADAPT_KAFKA__PASSWORD or TERRADAPT_KAFKA__PASSWORD_FILE)"
+            )
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+        return self
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether connections are encrypted (SSL or SASL_SSL)."""
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    def sasl_password(self) -> str | None:
+        """The SASL password: from ``password``, else read from ``password_file`` (trailing newline dropped)."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            return self.password_file.read_text().rstrip("\r\n")
+        return None
 
 
 class S3Config(StrictModel):
@@ -37,6 +72,7 @@ class S3Config(StrictModel):
     access_key: SecretStr | None = None
     secret_key: SecretStr | None = None
     secure: bool = False
+    ca_file: Path | None = Field(default=None, description="PEM CA bundle that signed the endpoint's certificate (TLS)")
     bucket_acquisitions: str = "terradapt-acquisitions"
     bucket_predictions: str = "terradapt-predictions"
     bucket_models: str = "terradapt-models"

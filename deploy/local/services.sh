@@ -9,7 +9,9 @@
 #
 # Everything listens on 127.0.0.1 only. Data, logs and pid files live under
 # $TERRADAPT_RUN_DIR (default /tmp/terradapt-services); downloaded/built artefacts
-# under $TERRADAPT_CACHE (default ~/.cache/terradapt). See deploy/local/README.md.
+# under $TERRADAPT_CACHE (default ~/.cache/terradapt). TERRADAPT_KAFKA_SECURE=1: Kafka's
+# client listener is SASL_SSL (SCRAM-SHA-512); TERRADAPT_MINIO_TLS=1: MinIO serves https.
+# See deploy/local/README.md.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -27,6 +29,13 @@ KAFKA_HEAP_OPTS="${TERRADAPT_KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
 KAFKA_HOME="${CACHE_DIR}/kafka-${KAFKA_VERSION}"
 KAFKA_LIBS="${KAFKA_HOME}/libs"
 MAVEN_REPO="${TERRADAPT_MAVEN_REPO:-${CACHE_DIR}/m2}"
+# TERRADAPT_KAFKA_SECURE=1: the client listener is SASL_SSL with SCRAM-SHA-512 (certificates and a SCRAM
+# user made for this run dir at the first start); the storage remembers the mode it was formatted with.
+KAFKA_SECURE="${TERRADAPT_KAFKA_SECURE:-0}"
+KAFKA_TLS_DIR="${RUN_DIR}/kafka/tls"
+KAFKA_CLIENT_ENV="${RUN_DIR}/kafka.env"
+KAFKA_PASSWORD_FILE="${RUN_DIR}/kafka.password"
+KAFKA_SASL_MECHANISM=SCRAM-SHA-512
 
 # MinIO community edition ships as source only: pin a commit (pseudo-version).
 MINIO_VERSION="${TERRADAPT_MINIO_VERSION:-v0.0.0-20260212201848-7aac2a2c5b7c}"
@@ -35,6 +44,8 @@ MINIO_CONSOLE_PORT="${TERRADAPT_MINIO_CONSOLE_PORT:-19001}"
 GO_PATH_DIR="${CACHE_DIR}/go"
 MINIO_BIN="${GO_PATH_DIR}/bin/minio"
 MINIO_ENV_FILE="${RUN_DIR}/minio.env"
+MINIO_TLS="${TERRADAPT_MINIO_TLS:-0}"   # 1: https with a certificate made for this run dir
+MINIO_TLS_DIR="${RUN_DIR}/minio/tls"
 
 PROMETHEUS_PORT="${TERRADAPT_PROMETHEUS_PORT:-19090}"
 PROMETHEUS_CONFIG="${TERRADAPT_PROMETHEUS_CONFIG:-}"
@@ -52,7 +63,7 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 usage() {
-  sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 check_port_var() {
@@ -68,6 +79,8 @@ validate_settings() {
   check_port_var TERRADAPT_MINIO_PORT "${MINIO_PORT}"
   check_port_var TERRADAPT_MINIO_CONSOLE_PORT "${MINIO_CONSOLE_PORT}"
   check_port_var TERRADAPT_PROMETHEUS_PORT "${PROMETHEUS_PORT}"
+  [[ "${KAFKA_SECURE}" == 0 || "${KAFKA_SECURE}" == 1 ]] || die "TERRADAPT_KAFKA_SECURE=${KAFKA_SECURE}; accepted: 0 or 1"
+  [[ "${MINIO_TLS}" == 0 || "${MINIO_TLS}" == 1 ]] || die "TERRADAPT_MINIO_TLS=${MINIO_TLS}; accepted: 0 or 1"
 }
 
 require_cmd() {
@@ -134,49 +147,41 @@ service_ports() {
 
 healthy() {
   case $1 in
-    kafka) kafka_healthy ;;
-    minio) http_ok "http://${BIND_HOST}:${MINIO_PORT}/minio/health/live" ;;
+    kafka) if kafka_secure; then kafka_secure_healthy; else kafka_healthy; fi ;;
+    minio)
+      if minio_tls; then
+        curl --silent --fail --max-time 3 --output /dev/null --cacert "${MINIO_TLS_DIR}/ca.crt" \
+          "https://${BIND_HOST}:${MINIO_PORT}/minio/health/live" 2>/dev/null
+      else
+        http_ok "http://${BIND_HOST}:${MINIO_PORT}/minio/health/live"
+      fi
+      ;;
     prometheus) http_ok "http://${BIND_HOST}:${PROMETHEUS_PORT}/-/ready" ;;
   esac
 }
 
-# Kafka is healthy when a Metadata request (v4, stdlib-only Python) lists at least
-# one broker: the socket server only serves requests once the broker has started and
-# registered with the (co-located) controller. Without python3, fall back to the port
-# plus the "Kafka Server started" line of the current log.
-kafka_healthy() {
-  port_open "${KAFKA_PORT}" || return 1
+# Kafka is healthy when a Metadata request (kafka_probe.py, stdlib-only Python) lists at least one broker: the
+# socket server only serves requests once the broker has started and registered with the (co-located) controller.
+# Without python3, fall back to the port plus the "Kafka Server started" line of the current log.
+kafka_probe() {  # kafka_probe [CAFILE ENVFILE] -> the probe's verdict on ${KAFKA_PORT}
   local py
   if [[ -x /usr/bin/python3 ]]; then py=/usr/bin/python3; else py=$(command -v python3 || true); fi
-  if [[ -n "${py}" ]]; then
-    "${py}" - "${BIND_HOST}" "${KAFKA_PORT}" <<'PY' 2>/dev/null
-import socket, struct, sys
-host, port = sys.argv[1], int(sys.argv[2])
-client = b"terradapt-health"
-# Request header v1: api_key=3 (Metadata), api_version=4, correlation_id, client_id
-header = struct.pack(">hhih", 3, 4, 7, len(client)) + client
-body = struct.pack(">ib", -1, 0)  # topics=null (all), allow_auto_topic_creation=false
-req = header + body
-with socket.create_connection((host, port), timeout=3) as s:
-    s.settimeout(3)
-    s.sendall(struct.pack(">i", len(req)) + req)
-    def read(n):
-        buf = b""
-        while len(buf) < n:
-            chunk = s.recv(n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return buf
-    size = struct.unpack(">i", read(4))[0]
-    resp = read(size)
-corr, _throttle, nbrokers = struct.unpack(">iii", resp[:12])
-sys.exit(0 if corr == 7 and nbrokers >= 1 else 1)
-PY
-  else
+  if [[ -z "${py}" ]]; then
     grep -q 'Kafka Server started' "${LOG_DIR}/kafka.log" 2>/dev/null
+    return
   fi
+  "${py}" "${SCRIPT_DIR}/kafka_probe.py" "${BIND_HOST}" "${KAFKA_PORT}" "$@" 2>/dev/null
 }
+
+kafka_healthy() {
+  port_open "${KAFKA_PORT}" || return 1
+  kafka_probe
+}
+
+# ---------------------------------------------------------------- TLS and SASL
+# shellcheck source=deploy/local/security.sh
+source "${SCRIPT_DIR}/security.sh"
+
 
 wait_healthy() {  # wait_healthy NAME PID START_TS
   local name=$1 pid=$2 t0=$3 deadline
@@ -329,18 +334,30 @@ start_kafka() {
   local java_major
   java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n 1)
   [[ "${java_major:-0}" -ge 17 ]] || die "kafka ${KAFKA_VERSION} needs Java 17+, found '$(java -version 2>&1 | head -n 1)'"
-  local dir="${RUN_DIR}/kafka" data="${RUN_DIR}/kafka/data"
+  local dir="${RUN_DIR}/kafka" data="${RUN_DIR}/kafka/data" client=PLAINTEXT mode
   mkdir -p "${dir}" "${data}"
+  mode=$(kafka_formatted_mode)
+  if [[ "${KAFKA_SECURE}" == 1 && -n "${mode}" && "${mode}" != SASL_SSL ]]; then
+    die "kafka: ${data} was formatted for ${mode}; TERRADAPT_KAFKA_SECURE=1 needs a fresh storage (delete ${dir})"
+  fi
+  if kafka_secure; then
+    client=SASL_SSL
+    ensure_kafka_creds
+    ensure_kafka_keystore
+  fi
+  # Holds the keystore and SCRAM passwords in secure mode: private before anything is written to it.
+  touch "${dir}/server.properties"
+  chmod 600 "${dir}/server.properties"
   cat >"${dir}/server.properties" <<EOF
 # Generated by deploy/local/services.sh on every start; edits are overwritten.
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@${BIND_HOST}:${KAFKA_CONTROLLER_PORT}
-listeners=PLAINTEXT://${BIND_HOST}:${KAFKA_PORT},CONTROLLER://${BIND_HOST}:${KAFKA_CONTROLLER_PORT}
-advertised.listeners=PLAINTEXT://${BIND_HOST}:${KAFKA_PORT}
+listeners=${client}://${BIND_HOST}:${KAFKA_PORT},CONTROLLER://${BIND_HOST}:${KAFKA_CONTROLLER_PORT}
+advertised.listeners=${client}://${BIND_HOST}:${KAFKA_PORT}
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=${client}
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,${client}:${client}
 log.dirs=${data}
 num.partitions=1
 default.replication.factor=1
@@ -358,6 +375,24 @@ num.recovery.threads.per.data.dir=1
 log.retention.hours=168
 log.segment.bytes=104857600
 EOF
+  if [[ "${client}" == SASL_SSL ]]; then
+    # The single node is its own inter-broker peer on the SASL_SSL listener (as the generated SCRAM user);
+    # the controller listener stays PLAINTEXT on loopback. No authorizer: every authenticated user may act.
+    cat >>"${dir}/server.properties" <<EOF
+# SASL_SSL client listener (TERRADAPT_KAFKA_SECURE=1)
+sasl.enabled.mechanisms=${KAFKA_SASL_MECHANISM}
+sasl.mechanism.inter.broker.protocol=${KAFKA_SASL_MECHANISM}
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="$(kafka_cred KAFKA_SASL_USERNAME)" password="$(kafka_cred KAFKA_SASL_PASSWORD)";
+ssl.keystore.type=PKCS12
+ssl.keystore.location=${KAFKA_TLS_DIR}/broker.p12
+ssl.keystore.password=$(<"${KAFKA_TLS_DIR}/keystore.password")
+ssl.key.password=$(<"${KAFKA_TLS_DIR}/keystore.password")
+ssl.truststore.type=PEM
+ssl.truststore.location=${KAFKA_TLS_DIR}/ca.crt
+ssl.client.auth=none
+ssl.endpoint.identification.algorithm=https
+EOF
+  fi
   cat >"${dir}/log4j2.properties" <<'EOF'
 # Generated by deploy/local/services.sh; stdout goes to $RUN_DIR/logs/kafka.log.
 status = warn
@@ -384,7 +419,7 @@ EOF
     "-Dlog4j2.configurationFile=${dir}/log4j2.properties")
   # Format the storage once (what bin/kafka-storage.sh format does).
   if [[ ! -f "${data}/meta.properties" ]]; then
-    local cluster_id
+    local cluster_id scram=()
     if [[ -s "${dir}/cluster.id" ]]; then
       cluster_id=$(<"${dir}/cluster.id")
     else
@@ -397,11 +432,15 @@ EOF
       [[ "${cluster_id}" =~ ^[A-Za-z0-9_-]{22}$ ]] || die "kafka: could not generate a cluster id (got '${cluster_id}')"
       printf '%s\n' "${cluster_id}" >"${dir}/cluster.id"
     fi
-    log "kafka: formatting ${data} (cluster id ${cluster_id})"
+    # The SCRAM user goes into the cluster metadata at format time (the broker's own StorageTool).
+    [[ "${client}" == SASL_SSL ]] && scram=(--add-scram
+      "${KAFKA_SASL_MECHANISM}=[name=$(kafka_cred KAFKA_SASL_USERNAME),password=$(kafka_cred KAFKA_SASL_PASSWORD)]")
+    log "kafka: formatting ${data} (cluster id ${cluster_id}, ${client} client listener)"
     # shellcheck disable=SC2086  # KAFKA_HEAP_OPTS is a list of JVM flags
     java ${KAFKA_HEAP_OPTS} "${jvm_common[@]}" -cp "${KAFKA_LIBS}/*" kafka.tools.StorageTool format \
-      -t "${cluster_id}" -c "${dir}/server.properties" >"${LOG_DIR}/kafka-format.log" 2>&1 \
+      -t "${cluster_id}" -c "${dir}/server.properties" "${scram[@]}" >"${LOG_DIR}/kafka-format.log" 2>&1 \
       || { cat "${LOG_DIR}/kafka-format.log" >&2; die "kafka storage format failed"; }
+    printf '%s\n' "${client}" >"${dir}/security"
   fi
   local t0 pid
   t0=$(now)
@@ -409,17 +448,22 @@ EOF
   pid=$(launch kafka java ${KAFKA_HEAP_OPTS} "${jvm_common[@]}" \
     "-Xlog:gc*:file=${LOG_DIR}/kafka-gc.log:time,tags:filecount=2,filesize=10M" \
     -cp "${KAFKA_LIBS}/*" kafka.Kafka "${dir}/server.properties")
-  log "kafka: started pid ${pid} on ${BIND_HOST}:${KAFKA_PORT} (controller ${KAFKA_CONTROLLER_PORT}), waiting for the broker ..."
+  log "kafka: started pid ${pid} on ${BIND_HOST}:${KAFKA_PORT} (${client}; controller ${KAFKA_CONTROLLER_PORT}), waiting for the broker ..."
   wait_healthy kafka "${pid}" "${t0}"
+}
+
+# write_credentials FILE USER_KEY PASS_KEY: a random user and password as KEY=value lines, readable by the owner only
+write_credentials() {
+  local user pass
+  user="td$(openssl rand -hex 9)"
+  pass="$(openssl rand -hex 24)"
+  (umask 077 && printf '%s=%s\n%s=%s\n' "$2" "${user}" "$3" "${pass}" >"$1")
 }
 
 ensure_minio_creds() {
   ensure_run_dir
   if [[ ! -s "${MINIO_ENV_FILE}" ]]; then
-    local user pass
-    user="td$(openssl rand -hex 9)"
-    pass="$(openssl rand -hex 20)"
-    (umask 077 && printf 'MINIO_ROOT_USER=%s\nMINIO_ROOT_PASSWORD=%s\n' "${user}" "${pass}" >"${MINIO_ENV_FILE}")
+    write_credentials "${MINIO_ENV_FILE}" MINIO_ROOT_USER MINIO_ROOT_PASSWORD
     log "minio: generated credentials in ${MINIO_ENV_FILE} (mode 600; print them with 'services.sh env')"
   fi
   chmod 600 "${MINIO_ENV_FILE}"
@@ -432,8 +476,18 @@ minio_cred() {  # minio_cred MINIO_ROOT_USER|MINIO_ROOT_PASSWORD
 start_minio() {
   [[ -x "${MINIO_BIN}" ]] || install_minio
   ensure_minio_creds
-  local data="${RUN_DIR}/minio/data" t0 pid user pass
+  local data="${RUN_DIR}/minio/data" t0 pid user pass tls=() scheme=http
   mkdir -p "${data}"
+  if [[ "${MINIO_TLS}" == 1 ]]; then
+    # MinIO reads public.crt / private.key from --certs-dir
+    ensure_tls "${MINIO_TLS_DIR}"
+    mkdir -p "${MINIO_TLS_DIR}/certs"
+    (umask 077 && cp "${MINIO_TLS_DIR}/server.crt" "${MINIO_TLS_DIR}/certs/public.crt" \
+      && cp "${MINIO_TLS_DIR}/server.key" "${MINIO_TLS_DIR}/certs/private.key")
+    tls=(--certs-dir "${MINIO_TLS_DIR}/certs")
+    scheme=https
+  fi
+  printf '%s\n' "${scheme}" >"${RUN_DIR}/minio/scheme"
   user=$(minio_cred MINIO_ROOT_USER)
   pass=$(minio_cred MINIO_ROOT_PASSWORD)
   [[ -n "${user}" && -n "${pass}" ]] || die "minio: ${MINIO_ENV_FILE} lacks MINIO_ROOT_USER/MINIO_ROOT_PASSWORD; delete it to regenerate (existing data keeps the old ones)"
@@ -444,10 +498,10 @@ start_minio() {
   # without a bearer token: acceptable as everything is bound to loopback.
   pid=$(launch minio env MINIO_ROOT_USER="${user}" MINIO_ROOT_PASSWORD="${pass}" \
     MINIO_UPDATE=off MINIO_PROMETHEUS_AUTH_TYPE=public \
-    "${MINIO_BIN}" server --quiet --anonymous \
+    "${MINIO_BIN}" server --quiet --anonymous "${tls[@]}" \
     --address "${BIND_HOST}:${MINIO_PORT}" --console-address "${BIND_HOST}:${MINIO_CONSOLE_PORT}" \
     "${data}")
-  log "minio: started pid ${pid} on ${BIND_HOST}:${MINIO_PORT} (console ${MINIO_CONSOLE_PORT}), waiting ..."
+  log "minio: started pid ${pid} on ${scheme}://${BIND_HOST}:${MINIO_PORT} (console ${MINIO_CONSOLE_PORT}), waiting ..."
   wait_healthy minio "${pid}" "${t0}"
 }
 
@@ -573,8 +627,21 @@ cmd_status() {
 cmd_env() {
   ensure_minio_creds
   printf 'export TERRADAPT_KAFKA__BOOTSTRAP=%s:%s\n' "${BIND_HOST}" "${KAFKA_PORT}"
+  if kafka_secure; then
+    ensure_kafka_creds
+    printf 'export TERRADAPT_KAFKA__SECURITY_PROTOCOL=SASL_SSL\n'
+    printf 'export TERRADAPT_KAFKA__SASL_MECHANISM=%s\n' "${KAFKA_SASL_MECHANISM}"
+    printf 'export TERRADAPT_KAFKA__USERNAME=%s\n' "$(kafka_cred KAFKA_SASL_USERNAME)"
+    printf 'export TERRADAPT_KAFKA__PASSWORD_FILE=%s\n' "${KAFKA_PASSWORD_FILE}"
+    printf 'export TERRADAPT_KAFKA__CA_FILE=%s\n' "${KAFKA_TLS_DIR}/ca.crt"
+  fi
   printf 'export TERRADAPT_S3__ENDPOINT=%s:%s\n' "${BIND_HOST}" "${MINIO_PORT}"
-  printf 'export TERRADAPT_S3__SECURE=false\n'
+  if minio_tls; then
+    printf 'export TERRADAPT_S3__SECURE=true\n'
+    printf 'export TERRADAPT_S3__CA_FILE=%s\n' "${MINIO_TLS_DIR}/ca.crt"
+  else
+    printf 'export TERRADAPT_S3__SECURE=false\n'
+  fi
   printf 'export TERRADAPT_S3__ACCESS_KEY=%s\n' "$(minio_cred MINIO_ROOT_USER)"
   printf 'export TERRADAPT_S3__SECRET_KEY=%s\n' "$(minio_cred MINIO_ROOT_PASSWORD)"
   printf 'export TERRADAPT_PROMETHEUS__URL=http://%s:%s\n' "${BIND_HOST}" "${PROMETHEUS_PORT}"

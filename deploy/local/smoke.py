@@ -6,6 +6,8 @@ Usage (from the repository root, with the project venv):
 
 Kafka: creates a topic (if missing), produces one message, consumes it back.
 MinIO: creates a bucket (if missing), puts and gets one object.
+Clients are built from the TERRADAPT_* settings the way the workers build them, so a secured broker
+(TERRADAPT_KAFKA_SECURE=1: SASL_SSL + SCRAM) and a TLS MinIO (TERRADAPT_MINIO_TLS=1) are checked too.
 Prometheus: waits until the `up` query returns a sample.
 A marker written by a previous run is reported (shows that data survived a restart).
 Exits non-zero on the first failure.
@@ -27,12 +29,18 @@ BUCKET = "terradapt-smoke"
 
 
 def check_kafka() -> None:
+    """Create the smoke topic, produce one message and read it back."""
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    bootstrap = os.environ["TERRADAPT_KAFKA__BOOTSTRAP"]
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="smoke-admin")
+    from stream.config import load_settings
+    from stream.kafka.security import client_options
+
+    config = load_settings().kafka
+    options = client_options(config)
+    print(f"kafka: {config.bootstrap} over {config.security_protocol}")
+    admin = KafkaAdminClient(**options, client_id="smoke-admin")
     try:
         admin.create_topics([NewTopic(TOPIC, num_partitions=1, replication_factor=1)])
         print(f"kafka: created topic {TOPIC}")
@@ -42,12 +50,12 @@ def check_kafka() -> None:
         admin.close()
 
     payload = f"hello-{uuid.uuid4().hex}".encode()
-    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    producer = KafkaProducer(**options)
     meta = producer.send(TOPIC, payload).get(timeout=30)
     producer.close()
 
     tp = TopicPartition(TOPIC, 0)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    consumer = KafkaConsumer(**options, enable_auto_commit=False)
     consumer.assign([tp])
     consumer.seek(tp, 0)
     values: list[bytes] = []
@@ -62,14 +70,13 @@ def check_kafka() -> None:
 
 
 def check_minio() -> None:
-    from minio import Minio
+    """Create the smoke bucket, put one object and get it back."""
+    from serving.minio_store import minio_client
+    from stream.config import load_settings
 
-    client = Minio(
-        os.environ["TERRADAPT_S3__ENDPOINT"],
-        access_key=os.environ["TERRADAPT_S3__ACCESS_KEY"],
-        secret_key=os.environ["TERRADAPT_S3__SECRET_KEY"],
-        secure=os.environ.get("TERRADAPT_S3__SECURE", "false").lower() == "true",
-    )
+    config = load_settings().s3
+    print(f"minio: {'https' if config.secure else 'http'}://{config.endpoint}")
+    client = minio_client(config)
     if not client.bucket_exists(BUCKET):
         client.make_bucket(BUCKET)
         print(f"minio: created bucket {BUCKET}")
@@ -89,6 +96,7 @@ def check_minio() -> None:
 
 
 def check_prometheus() -> None:
+    """Wait until Prometheus answers the ``up`` query with a sample."""
     base = os.environ["TERRADAPT_PROMETHEUS__URL"]
     url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": "up"})
     deadline = time.monotonic() + 30
@@ -110,6 +118,7 @@ CHECKS = {"kafka": check_kafka, "minio": check_minio, "prometheus": check_promet
 
 
 def main(argv: list[str]) -> int:
+    """Run the named checks (all by default); 0 when every one passed."""
     names = argv or list(CHECKS)
     for name in names:
         if name not in CHECKS:

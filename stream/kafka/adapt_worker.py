@@ -12,8 +12,10 @@ import signal
 import threading
 
 from kafka import KafkaConsumer, KafkaProducer
+from kafka.errors import KafkaError
 
 from stream.kafka.ingest import make_producer
+from stream.kafka.security import client_options
 from stream.kafka.services import Services
 from stream.outcome import Outcome
 
@@ -33,7 +35,7 @@ class AdaptWorker:
         kafka = services.settings.kafka
         self.consumer = consumer or KafkaConsumer(
             services.topics.adaptation_jobs,
-            bootstrap_servers=kafka.bootstrap,
+            **client_options(kafka),
             group_id=f"{services.settings.stream.app_id}-adapt",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -43,14 +45,30 @@ class AdaptWorker:
             heartbeat_interval_ms=int(min(3.0, kafka.session_timeout_s / 3) * 1000),
             client_id="terradapt-adapt-worker",
         )
-        self.producer = producer or make_producer(kafka.bootstrap)
+        self.producer = producer or make_producer(kafka)
         self.stopping = threading.Event()
 
     def publish(self, outcome: Outcome) -> None:
-        """Send every record of an outcome and wait for the broker's acknowledgement."""
+        """Send every record of an outcome and wait for the broker's acknowledgement.
+
+        While the broker is away the send is retried with backoff until it is acknowledged or the worker is
+        stopped: the job's offset is committed only after its records are published, so giving up here would
+        only make a restarted worker redo the job.
+        """
         for out in outcome.messages:
             topic = self.s.topics.name(out.topic)
-            self.producer.send(topic, key=out.key.encode(), value=out.record.to_json()).get(timeout=30)
+            value = out.record.to_json()
+            delay = 0.5
+            while True:
+                try:
+                    self.producer.send(topic, key=out.key.encode(), value=value).get(timeout=30)
+                    break
+                except KafkaError as exc:
+                    if self.stopping.is_set():
+                        raise
+                    log.warning("broker unavailable (%s), retrying the publish in %.1f s", type(exc).__name__, delay)
+                    self.stopping.wait(delay)
+                    delay = min(2 * delay, 10.0)
 
     def run(self, max_messages: int | None = None) -> int:
         """Poll-process-publish-commit until stopped (or ``max_messages`` handled); return the number handled."""

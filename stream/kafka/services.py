@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from monitoring.metrics import MetricsServer, ServiceMetrics
-from serving.minio_store import HrefReader, MinioStore, minio_client
+from serving.hrefs import HrefPolicy, HrefReader
+from serving.minio_store import MinioStore, minio_client
 from serving.registry import ModelRegistry
+from serving.retrying import RetryingReader, RetryingStore, RetryPolicy
 from stream.build import build_pipeline
 from stream.config import Settings
 from stream.observer import MetricsObserver
@@ -31,16 +33,29 @@ class Services:
         return self.metrics.serve(cfg.port, cfg.addr) if cfg.port else None
 
 
+def href_policy(settings: Settings) -> HrefPolicy:
+    """Where acquisitions may be read from (``stream.allowed_buckets``, ``stream.file_root``, ``max_tile_bytes``)."""
+    sc = settings.stream
+    buckets = sc.allowed_buckets if sc.allowed_buckets is not None else (settings.s3.bucket_acquisitions,)
+    return HrefPolicy(buckets=frozenset(buckets), file_root=sc.file_root, max_bytes=sc.max_tile_bytes)
+
+
+def storage_retry(settings: Settings) -> RetryPolicy:
+    """How storage calls ride out an outage (``stream.storage_retry_s``)."""
+    return RetryPolicy(deadline_s=settings.stream.storage_retry_s)
+
+
 def build_services(settings: Settings) -> Services:
     """Wire MinIO stores, the registry and the configured predictor and deployer into one pipeline."""
     client = minio_client(settings.s3)
-    registry = ModelRegistry(MinioStore(client, settings.s3.bucket_models))
+    retry = storage_retry(settings)
+    registry = ModelRegistry(RetryingStore(MinioStore(client, settings.s3.bucket_models), retry))
     metrics = ServiceMetrics(CollectorRegistry(), regions=settings.stream.regions or None)
     pipeline = build_pipeline(
         settings,
         registry=registry,
-        reader=HrefReader(client),
-        predictions=MinioStore(client, settings.s3.bucket_predictions),
+        reader=RetryingReader(HrefReader(client, href_policy(settings)), retry),
+        predictions=RetryingStore(MinioStore(client, settings.s3.bucket_predictions), retry),
         observer=MetricsObserver(metrics),
     )
     return Services(settings, pipeline, Topics.with_prefix(settings.kafka.topic_prefix), metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from stream.kafka.security import client_options
 from stream.topics import Topics
 from terradapt.settings import KafkaConfig
 
@@ -15,7 +16,7 @@ def ensure_topics(config: KafkaConfig, topics: Topics) -> list[str]:
     Created up front because topics auto-created by clients can get partition counts that mismatch the faust
     changelog topics (``PartitionsMismatch``).
     """
-    admin = KafkaAdminClient(bootstrap_servers=config.bootstrap, client_id="terradapt-admin")
+    admin = KafkaAdminClient(**client_options(config), client_id="terradapt-admin")
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics.all() if t not in existing]

@@ -7,19 +7,27 @@ records. Messages are keyed by region, so a region's state lives in the table pa
 survives restarts and moves with the partition on a rebalance (changelog-backed tables).
 
 Delivery is at-least-once; outputs are idempotent (the prediction object key is the acquisition id, the job id is
-derived from the acquisition id, a replayed acquisition is not counted twice by the monitor).
+derived from the acquisition id). A region's stored state carries the partition offset of the last message it
+includes, and an agent stores it after queueing that message's records on the same producer: a replay after a
+crash (offsets are committed well behind processing) of a message the state already includes is skipped, so the
+monitor counts every acquisition once however long the replay is.
+(The pipeline's own guard, ``RegionState.seen``, only spans the last ``buffer_tiles`` acquisitions.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import struct
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import faust
 
+from stream.kafka.security import faust_credentials
 from stream.kafka.services import Services
 from stream.outcome import Outcome
 
@@ -27,6 +35,35 @@ log = logging.getLogger("terradapt.worker")
 
 #: (payload, key, stored state) -> outcome: ``Pipeline.process`` or ``Pipeline.process_label``.
 Step = Callable[[bytes, str | None, bytes | None], Outcome]
+
+_STORED = b"TDS1"  # a table value: this marker, the partition and offset of the message that made it, the state
+_POSITION = struct.Struct(">iq")
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A region's state as a table stores it: the pipeline's bytes and the input message they include."""
+
+    state: bytes
+    partition: int | None = None
+    offset: int | None = None
+
+    def covers(self, partition: int, offset: int) -> bool:
+        """Whether the message at (partition, offset) is already part of this state (a replay)."""
+        return self.partition == partition and self.offset is not None and offset <= self.offset
+
+
+def pack_state(partition: int, offset: int, state: bytes) -> bytes:
+    """The table value of ``state`` made by the message at (partition, offset)."""
+    return _STORED + _POSITION.pack(partition, offset) + state
+
+
+def unpack_state(value: bytes) -> StoredState:
+    """Inverse of ``pack_state``; a value stored without a position (an older worker) is taken as it is."""
+    if not value.startswith(_STORED):
+        return StoredState(value)
+    partition, offset = _POSITION.unpack_from(value, len(_STORED))
+    return StoredState(value[len(_STORED) + _POSITION.size :], partition, offset)
 
 
 def create_app(services: Services) -> faust.App:
@@ -36,6 +73,7 @@ def create_app(services: Services) -> faust.App:
     app = faust.App(
         f"{settings.stream.app_id}-worker",
         broker=f"kafka://{settings.kafka.bootstrap}",
+        broker_credentials=faust_credentials(settings.kafka),
         store="memory://",
         topic_partitions=settings.kafka.partitions,
         topic_allow_declare=True,
@@ -55,23 +93,39 @@ def create_app(services: Services) -> faust.App:
         name: app.topic(topics.name(name), key_type=bytes, value_type=bytes)
         for name in ("predictions", "features", "drift_events", "adaptation_jobs", "deadletter")
     }
-    # "monitors" holds RegionState bytes, "accuracy" the delayed-label tracker of each region
+    # "monitors" holds RegionState bytes, "accuracy" the delayed-label tracker of each region (``pack_state``d)
     states = app.Table("monitors", default=None, key_type=str, value_type=bytes, partitions=partitions)
     accuracy = app.Table("accuracy", default=None, key_type=str, value_type=bytes, partitions=partitions)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="terradapt-compute")
 
+    progress = _Progress()
+
     async def drain(stream: faust.StreamT[bytes], step: Step, table: Any, what: str) -> None:
         loop = asyncio.get_running_loop()
         async for event in stream.events():
-            raw_key, value = event.message.key, event.message.value
+            message = event.message
+            progress.seen(message.tp, message.offset)
+            raw_key, value = message.key, message.value
             key = raw_key.decode("utf-8", errors="replace") if raw_key else None
-            stored = table[key] if key is not None and key in table else None
-            outcome = await loop.run_in_executor(executor, step, value, key, stored)
-            if outcome.state is not None and key is not None:
-                table[key] = outcome.state
+            stored = unpack_state(table[key]) if key is not None and key in table else None
+            if stored is not None and stored.covers(message.partition, message.offset):
+                log.info("skipped replayed %s %s (offset %s)", what, key, message.offset)
+                continue
+            state = None if stored is None else stored.state
+            progress.busy += 1
+            try:
+                outcome = await loop.run_in_executor(executor, step, value, key, state)
+            finally:
+                progress.busy -= 1
+            # records first, the state after, through the same producer: the state's changelog record is queued
+            # behind them. (Awaiting each delivery here stalled a worker after a rebalance under load: the agent
+            # stopped consuming, so deliveries are not awaited inside the agent.)
             for out in outcome.messages:
                 await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
+            if outcome.state is not None and key is not None:
+                table[key] = pack_state(message.partition, message.offset, outcome.state)
             log.info("processed %s %s", what, key)
+            progress.seen(message.tp, message.offset)
 
     @app.agent(app.topic(topics.acquisitions, key_type=bytes, value_type=bytes, partitions=partitions))
     async def acquisitions(stream: faust.StreamT[bytes]) -> None:
@@ -81,4 +135,52 @@ def create_app(services: Services) -> faust.App:
     async def labels(stream: faust.StreamT[bytes]) -> None:
         await drain(stream, pipeline.process_label, accuracy, "label")
 
+    watched = {topics.acquisitions, topics.labels}
+
+    @app.timer(interval=STALL_CHECK_S)  # type: ignore[untyped-decorator]  # faust's timer is untyped
+    async def stall_guard() -> None:
+        """Re-seek a partition that has messages waiting but is no longer fetched (faust-streaming #629).
+
+        After some rebalances under load a partition can stay assigned yet never be fetched again: its pending
+        acquisitions would wait until the next restart. When nothing was consumed for a whole check interval and
+        a watched partition's end offset is past what this worker consumed, the partition is sought back to the
+        next offset (a replay of a message the stored state already includes is skipped by ``drain``).
+        """
+        if app.rebalancing or app.in_recovery or not progress.idle(STALL_CHECK_S):
+            return
+        consumer = app.consumer
+        tps = [tp for tp in consumer.assignment() if tp.topic in watched and tp in progress.offsets]
+        if not tps:
+            return
+        ends = await consumer.highwaters(*tps)
+        for tp in tps:
+            nxt = progress.offsets[tp] + 1
+            if ends.get(tp, 0) > nxt:
+                log.warning("partition %s stalled at offset %s (end %s): resuming it from there", tp, nxt, ends[tp])
+                # faust fetches only its "active" partitions; one left out of that set after a rebalance is never
+                # fetched again: put it back, and re-fetch from the next offset (records of it dropped meanwhile)
+                consumer.resume_partitions({tp})
+                await consumer.seek(tp, nxt)
+                progress.seen(tp, nxt - 1)
+
     return app
+
+
+#: seconds without consuming anything before the stall guard checks the watched partitions
+STALL_CHECK_S = 15.0
+
+
+class _Progress:
+    """The last offset consumed per partition and when the worker last consumed anything (the stall guard's view)."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[Any, int] = {}
+        self.last = time.monotonic()
+        self.busy = 0  # messages being processed (a long tile is not a stall)
+
+    def seen(self, tp: Any, offset: int) -> None:
+        self.offsets[tp] = max(offset, self.offsets.get(tp, -1))
+        self.last = time.monotonic()
+
+    def idle(self, seconds: float) -> bool:
+        return self.busy == 0 and time.monotonic() - self.last >= seconds

@@ -29,7 +29,7 @@ from terradapt.datasets.base import Sample
 from terradapt.datasets.synthetic import SyntheticDataset
 from terradapt.model import SegmentationModel, UNetConfig
 from terradapt.raster import Raster, raster_to_geotiff_bytes
-from terradapt.records import Acquisition
+from terradapt.records import Acquisition, AdaptationJob, DriftEvent
 from terradapt.training import TrainConfig, train_source_checkpoint
 
 SIZE = 64
@@ -147,3 +147,39 @@ def publish(objects: MemoryStore, region: str, index: int, image: np.ndarray) ->
         sha256=hashlib.sha256(data).hexdigest(),
     )
     return acq.to_json()
+
+
+def published_job(
+    objects: MemoryStore,
+    region: str,
+    images: list[np.ndarray],
+    *,
+    job_id: str = "adapt-1",
+    base_version: int = 0,
+    covariate: bool = True,
+) -> AdaptationJob:
+    """Store ``images`` as the region's tiles 0..n-1 and return the ``bn`` job a radiometry drift on them issues."""
+    hrefs = []
+    for i, image in enumerate(images):
+        publish(objects, region, i, image)
+        hrefs.append(f"memory://acquisitions/{region}/{region}-{i:05d}.tif")
+    n = len(images)
+    drift = DriftEvent(
+        region=region,
+        acquisition_id=f"{region}-{n - 1:05d}",
+        tiles_seen=n,
+        signal="radiometry",
+        score=9.0,
+        threshold=1.0,
+        fired=("radiometry",),
+        covariate=covariate,
+    )
+    return AdaptationJob(
+        job_id=job_id,
+        region=region,
+        base_version=base_version,
+        method="bn",
+        tile_ids=tuple(f"{region}-{i:05d}" for i in range(n)),
+        tile_hrefs=tuple(hrefs),
+        trigger=drift,
+    )

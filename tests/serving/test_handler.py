@@ -189,8 +189,9 @@ class _FakeObject:
     def __init__(self, data):
         self.data = data
 
-    def read(self):
-        return self.data
+    def stream(self, amt):
+        for i in range(0, len(self.data), amt):
+            yield self.data[i : i + amt]
 
     def close(self):
         pass

@@ -7,8 +7,8 @@ recovered by the redelivered job, and the rollout gets the same gate inputs the 
 import pytest
 
 from serving.rollout import InProcessDeployer, RolloutContext
-from terradapt.records import AdaptationJob, DriftEvent, ModelVersion, RolloutStep
-from tests.fakes.world import make_rig, publish, settings
+from terradapt.records import ModelVersion, RolloutStep
+from tests.fakes.world import make_rig, published_job, settings
 
 OPEN_GATE = {"gate": {"max_class_tv": 1.0, "min_agreement": 0.0}}  # the toy model is weak: let bn through
 
@@ -29,29 +29,8 @@ class RecordingDeployer(InProcessDeployer):
 
 
 def _job(rig, world, job_id="adapt-1", base=0, n=12, covariate=True):
-    hrefs = []
-    for i, s in enumerate(world.shifted[:n]):
-        publish(rig.objects, "D013", i, s.image)
-        hrefs.append(f"memory://acquisitions/D013/D013-{i:05d}.tif")
-    drift = DriftEvent(
-        region="D013",
-        acquisition_id=f"D013-{n - 1:05d}",
-        tiles_seen=n,
-        signal="radiometry",
-        score=9.0,
-        threshold=1.0,
-        fired=("radiometry",),
-        covariate=covariate,
-    )
-    return AdaptationJob(
-        job_id=job_id,
-        region="D013",
-        base_version=base,
-        method="bn",
-        tile_ids=tuple(f"D013-{i:05d}" for i in range(n)),
-        tile_hrefs=tuple(hrefs),
-        trigger=drift,
-    )
+    images = [s.image for s in world.shifted[:n]]
+    return published_job(rig.objects, "D013", images, job_id=job_id, base_version=base, covariate=covariate)
 
 
 @pytest.fixture

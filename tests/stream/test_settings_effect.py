@@ -108,6 +108,11 @@ def test_stream_contract_settings_refuse_tiles(world, tmp_path, env):
     record = out.messages[0].record
     assert isinstance(record, DeadLetter)
     assert record.reason == "oversized_tile"
+    rig = make_rig(world, tmp_path / "d", env(STREAM__MAX_DECODED_BYTES="4096"))
+    out = rig.pipeline.process(publish(rig.objects, "D033", 0, world.source[0].image), "D033", None)
+    record = out.messages[0].record
+    assert isinstance(record, DeadLetter)
+    assert record.reason == "oversized_tile" and "decoded_bytes" in record.error
     rig = make_rig(world, tmp_path / "c", env(STREAM__BAND_COUNT="4"))
     out = rig.pipeline.process(publish(rig.objects, "D033", 0, world.source[0].image), "D033", None)
     record = out.messages[0].record
@@ -260,3 +265,65 @@ def test_demo_arch_chooses_the_source_architecture(env, tmp_path):
     assert not cached and model.feature_dim == 512  # its own cache entry, not the small model's
     with pytest.raises(ValueError, match="smp:<Arch>:<encoder>"):
         env(DEMO__ARCH="resnet")
+
+
+# -- where acquisitions may come from, storage outages ---------------------------------------------------------
+def test_href_policy_settings_decide_what_a_worker_may_read(env, tmp_path):
+    from types import SimpleNamespace
+
+    from serving.hrefs import HrefReader
+    from stream.kafka.services import href_policy
+    from terradapt.errors import ForbiddenHrefError
+
+    tile = tmp_path / "tiles" / "a.tif"
+    tile.parent.mkdir()
+    tile.write_bytes(b"12345678")
+
+    class Client:
+        def stat_object(self, bucket, key):
+            return SimpleNamespace(size=8)
+
+        def get_object(self, bucket, key):
+            return SimpleNamespace(stream=lambda n: iter([b"12345678"]), close=lambda: None, release_conn=lambda: None)
+
+    def reads(settings, href):
+        try:
+            return HrefReader(Client(), href_policy(settings)).get(href) == b"12345678"
+        except ForbiddenHrefError:
+            return False
+
+    default = env(S3__BUCKET_ACQUISITIONS="acq")
+    assert reads(default, "s3://acq/D033/a.tif") and not reads(default, "s3://other/D033/a.tif")
+    assert not reads(default, tile.as_uri())
+    widened = env(S3__BUCKET_ACQUISITIONS="acq", STREAM__ALLOWED_BUCKETS='["other"]')
+    assert reads(widened, "s3://other/D033/a.tif") and not reads(widened, "s3://acq/D033/a.tif")
+    rooted = env(STREAM__FILE_ROOT=str(tmp_path / "tiles"))
+    assert reads(rooted, tile.as_uri())
+    assert not reads(env(STREAM__FILE_ROOT=str(tmp_path / "elsewhere")), tile.as_uri())
+
+
+def test_storage_retry_deadline_decides_how_long_an_outage_is_ridden_out(env):
+    import dataclasses
+
+    from serving.codec import StorageError
+    from stream.kafka.services import storage_retry
+
+    def survives(settings, outage_s: float) -> bool:
+        now = [0.0]
+        policy = dataclasses.replace(
+            storage_retry(settings), sleep=lambda s: now.__setitem__(0, now[0] + s), clock=lambda: now[0]
+        )
+
+        def call() -> str:
+            if now[0] < outage_s:
+                raise ConnectionRefusedError("minio restarting")
+            return "ok"
+
+        try:
+            return policy.call("get x", call) == "ok"
+        except StorageError:
+            return False
+
+    assert survives(env(), 60.0)  # default: two minutes
+    assert not survives(env(STREAM__STORAGE_RETRY_S="10"), 60.0)
+    assert survives(env(STREAM__STORAGE_RETRY_S="10"), 5.0)

@@ -24,6 +24,7 @@ from serving.registry import ModelRegistry
 from stream.bootstrap import bootstrap_registry
 from stream.config import Settings, load_settings
 from stream.kafka.ingest import ingest, make_producer
+from stream.kafka.security import client_options
 from stream.kafka.topics import ensure_topics
 from stream.topics import Topics
 from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest
@@ -77,7 +78,7 @@ class Stack:
         self.predictions = MinioStore(self.client, self.settings.s3.bucket_predictions)
         self.acquisitions = MinioStore(self.client, self.settings.s3.bucket_acquisitions)
         self.registry = ModelRegistry(self.models)
-        self.producer: KafkaProducer = make_producer(self.settings.kafka.bootstrap)
+        self.producer: KafkaProducer = make_producer(self.settings.kafka)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs: dict[str, Path] = {}
 
@@ -90,11 +91,19 @@ class Stack:
     # -- processes -------------------------------------------------------------------------------------------
     def start(self, name: str, command: str, extra_env: dict[str, str] | None = None) -> None:
         """Start ``terradapt <command>`` as a process of its own (its own session, killable)."""
+        self.start_argv(name, [TERRADAPT, command], extra_env)
+
+    def start_module(self, name: str, module: str, extra_env: dict[str, str] | None = None) -> None:
+        """Start ``python -m <module>`` (a test's instrumented worker) like ``start`` does."""
+        self.start_argv(name, [sys.executable, "-m", module], extra_env)
+
+    def start_argv(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> None:
+        """Start ``argv`` with this stack's environment, its output appended to ``<root>/<name>.log``."""
         log = self.root / f"{name}.log"
         self.logs[name] = log
         fh = log.open("ab")
         self.procs[name] = subprocess.Popen(
-            [TERRADAPT, command],
+            argv,
             env={**self.env, **(extra_env or {})},
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -106,6 +115,10 @@ class Stack:
         proc = self.procs.pop(name)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP a worker: frozen, it keeps its partitions until its session times out, and processes nothing."""
+        os.killpg(self.procs[name].pid, signal.SIGSTOP)
 
     def stop_all(self) -> None:
         """SIGTERM every worker, SIGKILL after a grace period."""
@@ -127,19 +140,32 @@ class Stack:
 
     def wait_for_log(self, name: str, text: str, timeout_s: float = 120.0) -> None:
         """Wait until a worker's log contains ``text`` (a worker state reached), failing with the log's tail."""
+        self.wait_for_log_count(name, text, 1, timeout_s)
+
+    def count_log(self, name: str, text: str) -> int:
+        """How many times a worker's log contains ``text`` so far."""
+        return self.log_text(name).count(text)
+
+    def wait_for_log_count(self, name: str, text: str, count: int, timeout_s: float = 120.0) -> None:
+        """Wait until a worker's log contains ``text`` at least ``count`` times (e.g. k messages processed)."""
         deadline = time.monotonic() + timeout_s
-        while text not in self.log_text(name):
+        while self.count_log(name, text) < count:
             proc = self.procs.get(name)
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"worker {name} exited {proc.returncode}: {self.log_text(name)[-3000:]}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{name}: {text!r} not logged after {timeout_s}s: {self.log_text(name)[-3000:]}")
-            time.sleep(0.2)
+                raise TimeoutError(
+                    f"{name}: {text!r} not logged {count} times after {timeout_s}s: {self.log_text(name)[-3000:]}"
+                )
+            time.sleep(0.1)
 
     # -- data ------------------------------------------------------------------------------------------------
     def ingest(self, paths: Iterable[Path], region: str) -> list[Any]:
-        """Upload + publish acquisitions like `terradapt ingest`."""
-        return ingest(paths, region, self.acquisitions, self.producer, self.topics.acquisitions)
+        """Upload + publish acquisitions like `terradapt ingest`; fail when one stayed unpublished."""
+        report = ingest(paths, region, self.acquisitions, self.producer, self.topics.acquisitions)
+        if not report.ok:
+            raise RuntimeError(report.summary())
+        return report.acquisitions
 
     def send_raw(self, key: str, value: bytes) -> None:
         """Publish an arbitrary payload on the acquisitions topic."""
@@ -149,7 +175,7 @@ class Stack:
         """Every message of a topic so far (JSON)."""
         consumer = KafkaConsumer(
             getattr(self.topics, topic),
-            bootstrap_servers=self.settings.kafka.bootstrap,
+            **client_options(self.settings.kafka),
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             consumer_timeout_ms=int(timeout_s * 1000),
@@ -158,6 +184,31 @@ class Stack:
             return [json.loads(m.value) for m in consumer]
         finally:
             consumer.close()
+
+    def read_keyed(self, topic: str, timeout_s: float = 2.0) -> list[tuple[str, bytes]]:
+        """Every (key, raw value) of a topic by its full name so far (e.g. a faust table's changelog)."""
+        consumer = KafkaConsumer(
+            topic,
+            **client_options(self.settings.kafka),
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            consumer_timeout_ms=int(timeout_s * 1000),
+        )
+        try:
+            return [(m.key.decode() if m.key else "", m.value) for m in consumer]
+        finally:
+            consumer.close()
+
+    def table(self, name: str) -> dict[str, bytes]:
+        """A stream-worker table as its changelog leaves it: the last value of every key (tombstones drop it)."""
+        out: dict[str, bytes] = {}
+        for raw_key, value in self.read_keyed(f"{self.settings.stream.app_id}-worker-{name}-changelog"):
+            key = json.loads(raw_key)  # faust writes a str-keyed table's keys as JSON strings
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = value
+        return out
 
     def wait_for(
         self, topic: str, done: Callable[[list[dict[str, Any]]], bool], timeout_s: float = 120.0
