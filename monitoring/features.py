@@ -22,7 +22,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from terradapt.metrics import pixel_entropy
+from terradapt.metrics import entropy_of_log_probs
 from terradapt.model import SegmentationModel, bn_layers
 from terradapt.records import FeatureStats
 
@@ -91,9 +91,10 @@ class TileFeatures:
 
 @dataclass(frozen=True)
 class ForwardResult:
-    """Logits and features of a batch."""
+    """Logits, predicted classes and features of a batch."""
 
     logits: torch.Tensor
+    classes: torch.Tensor  # (N, H, W) int64: the class of the highest logit per pixel (first one on ties)
     features: list[TileFeatures]
 
 
@@ -117,8 +118,7 @@ class _BNRecorder:
         x = inputs[0]
         if x[0, 0].numel() < 2:  # image-pooling branches (1 x 1 maps) have no spatial statistics per tile
             return
-        mu = x.mean(dim=(2, 3))
-        var = x.var(dim=(2, 3), unbiased=False)
+        mu, var = spatial_mean_var(x, bn.running_mean)
         run_var = bn.running_var.clamp_min(1e-5)
         self.shift.append(((mu - bn.running_mean).abs() / run_var.sqrt()).mean(dim=1))
         self.ratio.append((var.clamp_min(1e-5) / run_var).log().abs().mean(dim=1))
@@ -129,6 +129,20 @@ class _BNRecorder:
         if not self.shift:
             return torch.zeros(0), torch.zeros(0)
         return torch.stack(self.shift).mean(dim=0), torch.stack(self.ratio).mean(dim=0)
+
+
+def spatial_mean_var(x: torch.Tensor, centre: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and (biased) variance of (N, C, H, W) ``x`` over H and W.
+
+    As the first two moments about ``centre`` (per channel; a value near the mean keeps the difference of moments
+    exact enough in float32): on CPU ``Tensor.var`` over two dimensions costs as much as the convolution that made
+    ``x``, this costs three element-wise passes.
+    """
+    d = x if centre is None else x - centre.view(1, -1, 1, 1)
+    m1 = d.mean(dim=(2, 3))
+    m2 = (d * d).mean(dim=(2, 3))
+    mean = m1 if centre is None else m1 + centre.view(1, -1)
+    return mean, (m2 - m1 * m1).clamp_min(0.0)
 
 
 def band_statistics(
@@ -159,15 +173,19 @@ def forward_with_features(
         logits, pooled = model.forward_features(batch)
     finally:
         shift, ratio = recorder.close()
-    probs = logits.softmax(dim=1)
-    entropy = pixel_entropy(logits).mean(dim=(1, 2))
-    confidence = probs.max(dim=1).values.mean(dim=(1, 2))
+    log_p = logits.log_softmax(dim=1)
+    entropy = entropy_of_log_probs(log_p).mean(dim=(1, 2))
+    # ``max`` gives the class and the top logit in one pass (``argmax`` over the class dimension is ~5x slower on
+    # CPU); the top class's probability is read back from the log-probabilities
+    pred = logits.max(dim=1).indices
+    confidence = log_p.gather(1, pred.unsqueeze(1)).exp().mean(dim=(1, 2, 3))
     k = logits.shape[1]
-    pred = logits.argmax(dim=1)
     expected = model.class_band_mean[pred].permute(0, 3, 1, 2)
     residual = batch / 255.0 - expected
-    res_mean = residual.mean(dim=(2, 3)).double().cpu().numpy()
-    res_std = residual.std(dim=(2, 3)).double().cpu().numpy()
+    mean_r, var_r = spatial_mean_var(residual)
+    n = residual.shape[2] * residual.shape[3]
+    res_mean = mean_r.double().cpu().numpy()
+    res_std = (var_r.double() * (n / max(n - 1, 1))).sqrt().cpu().numpy()  # unbiased, as Tensor.std
     shares = torch.stack([torch.bincount(p.flatten(), minlength=k).float() / p.numel() for p in pred])
     out = []
     for i in range(batch.shape[0]):
@@ -186,7 +204,7 @@ def forward_with_features(
                 mean_confidence=float(confidence[i]),
             )
         )
-    return ForwardResult(logits=logits, features=out)
+    return ForwardResult(logits=logits, classes=pred, features=out)
 
 
 def average_features(parts: list[TileFeatures], weights: list[float] | None = None) -> TileFeatures:

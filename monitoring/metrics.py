@@ -45,7 +45,7 @@ LabelOutcome = Literal["joined", "unmatched", "invalid"]
 LABEL_OUTCOMES: Final[tuple[LabelOutcome, ...]] = ("joined", "unmatched", "invalid")
 
 #: Stages timed by ``terradapt_tile_latency_seconds``; ``total`` is one acquisition end to end.
-STAGES: Final = ("read", "predict", "features", "observe", "total")
+STAGES: Final = ("read", "predict", "store", "features", "observe", "total")
 
 #: Every ``TerradaptError.reason`` (tests check this list against terradapt.errors) plus a catch-all.
 DEAD_LETTER_REASONS: Final = (
@@ -313,7 +313,7 @@ class ServiceMetrics:
         self.latency.labels("total").observe(max(0.0, latency_s))
 
     def observe_stage(self, stage: str, seconds: float) -> None:
-        """Time of one pipeline stage for one acquisition (stages: read, predict, features, observe)."""
+        """Time of one pipeline stage for one acquisition (stages: read, predict, store, features, observe)."""
         self.latency.labels(self._check(stage, STAGES, "stage")).observe(max(0.0, seconds))
 
     def observe_dead_letter(self, reason: str) -> None:

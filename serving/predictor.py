@@ -105,7 +105,7 @@ def predict_images(
             chunk = idx[s : s + batch_size]
             arr = np.stack([images[i] for i in chunk])
             res = forward_with_features(model, torch.from_numpy(arr).float().to(device), arr)
-            maps = res.logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            maps = res.classes.to(torch.uint8).cpu().numpy()
             for j, i in enumerate(chunk):
                 results[i] = TileOutput(maps[j], res.features[j], version)
     for i, im in enumerate(images):

@@ -18,7 +18,7 @@ from monitoring.monitor import MonitorUpdate
 from terradapt.records import DeadLetter, RolloutEvent, TilePrediction
 
 AdaptationOutcome = Literal["accepted", "rejected", "failed"]
-Stage = Literal["read", "predict", "observe"]
+Stage = Literal["read", "predict", "store", "observe"]
 
 
 class PipelineObserver(Protocol):

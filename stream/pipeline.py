@@ -15,8 +15,9 @@ stored state) and returns what to publish (and the region's new state). Nothing 
 
 Any typed error becomes a dead letter with the original payload and the reason; an unexpected error too
 (``internal_error`` / ``adaptation_failed``), so no runner has a try/except of its own. The embedded runner calls
-these in a loop over in-memory queues; the faust agents call ``process`` and ``process_label`` and store the
-returned state in their tables; the adaptation worker calls ``run_job``. No stage knows which runner carries it.
+these in a loop over in-memory queues; the faust agents call ``process_many`` (the acquisitions waiting, predicted
+together) and ``process_label`` and store the returned state in their tables; the adaptation worker calls
+``run_job``. No stage knows which runner carries it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,17 +51,17 @@ from stream.outcome import (
     KeyMismatchError,
     Outcome,
     Outgoing,
-    PredictorUnavailableError,
     compact_json,
     dead_letter,
 )
+from stream.predicting import predict_with_retries, store_prediction
 from stream.state import RecentTile, RegionState, restore_region, restore_tracker
 from stream.topics import TopicName, Topics
 from terradapt.checkpoint import ModelManifest
 from terradapt.classes import flair_to_13
 from terradapt.errors import InvalidPayloadError, TerradaptError, UnknownRegionError
 from terradapt.model import SegmentationModel
-from terradapt.raster import Raster, RasterSpec, read_prediction, read_raster, write_cog
+from terradapt.raster import Raster, RasterSpec, read_prediction, read_raster
 from terradapt.records import (
     Acquisition,
     AdaptationJob,
@@ -113,31 +114,90 @@ class Pipeline:
     # == acquisitions =============================================================================================
     def process(self, payload: bytes, key: str | None, state: bytes | None) -> Outcome:
         """One acquisition through every stage; ``state`` is the stored state of the region ``key`` names."""
+        return self.process_many([(payload, key, state)])[0]
+
+    def process_many(self, items: Sequence[tuple[bytes, str | None, bytes | None]]) -> list[Outcome]:
+        """``process`` over several acquisitions (payload, key, stored state) in arrival order, predicted together.
+
+        Each item's state is its region's stored state from before the batch; a region's later items see the state
+        its earlier items leave, so the outcomes (decisions included) are those of the items processed one by one.
+        The tiles of one region go to the predictor in one call, which batches them into forward passes.
+        """
         started = time.perf_counter()
-        acq: Acquisition | None = None
-        try:
-            acq = self._acquisition(payload, key)
-            with timed(self.observer, "read"):
-                raster = read_raster(self.reader.get(acq.href), self.spec)
-            prediction, output = self._predict(acq, raster)
-            region_state = self.load_state(state)
-            observed = self._observe(acq, prediction, output, region_state)
-        except TerradaptError as exc:
-            region = acq.region if acq is not None else None
-            return self._dead("acquisitions", "predict", exc, payload, key, region, started)
-        except Exception as exc:  # never lose a message to a bug: dead-letter it with the error
-            log.exception("unexpected error on acquisition %s", key)
-            return self._dead("acquisitions", "predict", exc, payload, key, None, started)
-        out = [
-            Outgoing("predictions", acq.region, prediction),
-            Outgoing("features", acq.region, output.features.to_record(acq.id, acq.region, output.version)),
-        ]
-        if observed.drift is not None and observed.update is not None and observed.update.newly_detected:
-            out.append(Outgoing("drift_events", acq.region, observed.drift))
-        if observed.job is not None:
-            out.append(Outgoing("adaptation_jobs", acq.region, observed.job))
-        self.observer.tile_done(acq.region, time.perf_counter() - started)
-        return Outcome(tuple(out), region_state.to_bytes())
+        done: dict[int, Outcome] = {}
+        ready: dict[int, tuple[Acquisition, Raster]] = {}
+        for i, (payload, key, _) in enumerate(items):
+            acq: Acquisition | None = None
+            try:
+                acq = self._acquisition(payload, key)
+                with timed(self.observer, "read"):
+                    ready[i] = (acq, read_raster(self.reader.get(acq.href), self.spec))
+            except Exception as exc:  # every error becomes a dead letter (``_failed``)
+                done[i] = self._failed(exc, payload, key, acq, started)
+        outputs = self._predict_regions(ready, items, done, started)
+        states: dict[str | None, bytes | None] = {}
+        for i, (payload, key, stored) in enumerate(items):
+            if i in done:
+                continue
+            acq, raster = ready[i]
+            try:
+                output, latency = outputs[i]
+                prediction = store_prediction(acq, raster, output, latency, self.predictions, self.observer)
+                region_state = self.load_state(states.get(key, stored))
+                observed = self._observe(acq, prediction, output, region_state)
+            except Exception as exc:
+                done[i] = self._failed(exc, payload, key, acq, started)
+                continue
+            out = [
+                Outgoing("predictions", acq.region, prediction),
+                Outgoing("features", acq.region, output.features.to_record(acq.id, acq.region, output.version)),
+            ]
+            if observed.drift is not None and observed.update is not None and observed.update.newly_detected:
+                out.append(Outgoing("drift_events", acq.region, observed.drift))
+            if observed.job is not None:
+                out.append(Outgoing("adaptation_jobs", acq.region, observed.job))
+            self.observer.tile_done(acq.region, time.perf_counter() - started)
+            states[key] = region_state.to_bytes()
+            done[i] = Outcome(tuple(out), states[key])
+        return [done[i] for i in range(len(items))]
+
+    def _failed(
+        self, exc: Exception, payload: bytes, key: str | None, acq: Acquisition | None, started: float
+    ) -> Outcome:
+        """An acquisition's dead letter: a typed error keeps its reason, anything else is an ``internal_error``."""
+        if isinstance(exc, TerradaptError):
+            return self._dead("acquisitions", "predict", exc, payload, key, acq.region if acq else None, started)
+        log.error("unexpected error on acquisition %s", key, exc_info=exc)  # never lose a message to a bug
+        return self._dead("acquisitions", "predict", exc, payload, key, None, started)
+
+    def _predict_regions(
+        self,
+        ready: dict[int, tuple[Acquisition, Raster]],
+        items: Sequence[tuple[bytes, str | None, bytes | None]],
+        done: dict[int, Outcome],
+        started: float,
+    ) -> dict[int, tuple[TileOutput, float]]:
+        """Each region's tiles predicted in one predictor call (its current model); a failed call dead-letters them.
+
+        Returns each predicted item's output and the latency of the call that made it.
+        """
+        by_region: dict[str, list[int]] = {}
+        for i, (acq, _) in ready.items():
+            by_region.setdefault(acq.region, []).append(i)
+        outputs: dict[int, tuple[TileOutput, float]] = {}
+        for region, idx in by_region.items():
+            t0 = time.perf_counter()
+            try:
+                with timed(self.observer, "predict"):
+                    rasters = [ready[i][1] for i in idx]
+                    outs = predict_with_retries(self.predictor, region, rasters, self.predict_retries, self.sleep)
+            except Exception as exc:
+                for i in idx:
+                    done[i] = self._failed(exc, items[i][0], items[i][1], ready[i][0], started)
+                continue
+            latency = time.perf_counter() - t0
+            outputs.update({i: (out, latency) for i, out in zip(idx, outs, strict=True)})
+        return outputs
 
     def _acquisition(self, payload: bytes, key: str | None) -> Acquisition:
         acq = Acquisition.from_stac(payload)
@@ -149,46 +209,6 @@ class Pipeline:
             raise UnknownRegionError(region, sorted(self.regions))
         if key != region:
             raise KeyMismatchError(key, region)
-
-    def _predict(self, acq: Acquisition, raster: Raster) -> tuple[TilePrediction, TileOutput]:
-        """Predict with the region's current model (transient failures retried with backoff); store the COG."""
-        with timed(self.observer, "predict"):
-            t0 = time.perf_counter()
-            output = self._predict_with_retries(acq.region, raster)
-            latency = time.perf_counter() - t0
-            href = None
-            if self.predictions is not None:
-                tags = {
-                    "acquisition_id": acq.id,
-                    "region": acq.region,
-                    "model_version": str(output.version),
-                    "acquisition_href": acq.href,  # a delayed label finds the image it labels (few-shot)
-                }
-                cog = write_cog(output.class_map, raster.crs, raster.transform, tags=tags)
-                href = self.predictions.put(f"{acq.region}/{acq.id}.tif", cog, "image/tiff")
-        f = output.features
-        prediction = TilePrediction(
-            acquisition_id=acq.id,
-            region=acq.region,
-            model_version=output.version,
-            href=href,
-            class_shares=tuple(map(float, f.class_shares)),
-            mean_entropy=f.mean_entropy,
-            latency_s=latency,
-        )
-        self.observer.predicted(prediction, f.mean_confidence)
-        return prediction, output
-
-    def _predict_with_retries(self, region: str, raster: Raster) -> TileOutput:
-        attempts = self.predict_retries + 1
-        for attempt in range(attempts):
-            try:
-                return self.predictor.predict(region, [raster.data.astype(np.uint8)])[0]
-            except (ConnectionError, TimeoutError, OSError) as exc:
-                if attempt == attempts - 1:
-                    raise PredictorUnavailableError(f"prediction failed after {attempts} tries: {exc}") from exc
-                self.sleep(min(2.0**attempt * 0.5, 10.0))
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _observe(
         self, acq: Acquisition, prediction: TilePrediction, output: TileOutput, state: RegionState

@@ -43,7 +43,11 @@ def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
     Computed from ``log_softmax`` (no ``log(0)``), so it is exact for confident pixels too. The drift features,
     the gate and the entropy-minimisation adapters all use this one definition.
     """
-    log_p = logits.log_softmax(dim=1)
+    return entropy_of_log_probs(logits.log_softmax(dim=1))
+
+
+def entropy_of_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+    """``pixel_entropy`` from log-probabilities already computed (the class dimension is dim 1)."""
     return -(log_p.exp() * log_p).sum(dim=1)
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Local (Docker-free) Kafka, MinIO and Prometheus for terradapt development and CI.
 #
-#   deploy/local/services.sh install [kafka|minio|prometheus|all]   resolve/build/cache (idempotent)
+#   deploy/local/services.sh install [kafka|minio|prometheus|k8s-tools|all]   resolve/build/cache (idempotent)
 #   deploy/local/services.sh up   [kafka] [minio] [prometheus]      start (default: kafka minio)
 #   deploy/local/services.sh down [kafka] [minio] [prometheus]      stop  (default: all)
 #   deploy/local/services.sh status                                  state of every service
@@ -46,6 +46,11 @@ MINIO_BIN="${GO_PATH_DIR}/bin/minio"
 MINIO_ENV_FILE="${RUN_DIR}/minio.env"
 MINIO_TLS="${TERRADAPT_MINIO_TLS:-0}"   # 1: https with a certificate made for this run dir
 MINIO_TLS_DIR="${RUN_DIR}/minio/tls"
+
+# kustomize and kubeconform for tests/deploy/test_k8s.py (deploy/k8s/), built with go install into the same GOPATH
+# as MinIO. Versions whose go.mod this machine's Go (1.26) accepts without another toolchain.
+KUSTOMIZE_VERSION="${TERRADAPT_KUSTOMIZE_VERSION:-v5.8.2}"
+KUBECONFORM_VERSION="${TERRADAPT_KUBECONFORM_VERSION:-v0.8.0}"
 
 PROMETHEUS_PORT="${TERRADAPT_PROMETHEUS_PORT:-19090}"
 PROMETHEUS_CONFIG="${TERRADAPT_PROMETHEUS_CONFIG:-}"
@@ -280,6 +285,40 @@ install_minio() {
   log "minio ${MINIO_VERSION}: built in $(elapsed "${t0}")s"
 }
 
+go_built_version() {  # go_built_version BIN MODULE: the module version baked into a go-installed binary (or empty)
+  go version -m "$1" 2>/dev/null | awk -v m="$2" '$1 == "mod" && $2 == m { print $3 }'
+}
+
+# go_tool NAME PACKAGE MODULE VERSION: build PACKAGE@VERSION (binary NAME) into ${GO_PATH_DIR}/bin unless that
+# version is there already
+go_tool() {
+  local name=$1 pkg=$2 module=$3 version=$4 bin build_log t0
+  bin="${GO_PATH_DIR}/bin/${name}"
+  build_log="${GO_PATH_DIR}/build-${name}.log"
+  if [[ -x "${bin}" && "$(go_built_version "${bin}" "${module}")" == "${version}" ]]; then
+    log "${name} ${version}: cached at ${bin}"
+    return 0
+  fi
+  t0=$(now)
+  log "${name} ${version}: building with go install (log ${build_log}) ..."
+  if ! GOPATH="${GO_PATH_DIR}" GOFLAGS=-modcacherw CGO_ENABLED=0 go install "${pkg}@${version}" >"${build_log}" 2>&1; then
+    tail -n 30 "${build_log}" >&2 || true
+    die "go install ${pkg}@${version} failed (full log: ${build_log})"
+  fi
+  [[ -x "${bin}" ]] || die "go install succeeded but ${bin} is missing"
+  log "${name} ${version}: built in $(elapsed "${t0}")s"
+}
+
+install_k8s_tools() {
+  require_cmd go "install Go >= 1.26 (kustomize and kubeconform are built from source)"
+  mkdir -p "${GO_PATH_DIR}"
+  exec 8>"${GO_PATH_DIR}/.build.lock"
+  flock -w 1800 8 || die "another Go build holds ${GO_PATH_DIR}/.build.lock"
+  go_tool kustomize sigs.k8s.io/kustomize/kustomize/v5 sigs.k8s.io/kustomize/kustomize/v5 "${KUSTOMIZE_VERSION}"
+  go_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform github.com/yannh/kubeconform \
+    "${KUBECONFORM_VERSION}"
+}
+
 install_prometheus() {
   if command -v prometheus >/dev/null 2>&1; then
     log "prometheus: $(command -v prometheus) ($(prometheus --version 2>&1 | head -n 1))"
@@ -309,11 +348,12 @@ cmd_install() {
   local t
   for t in "${targets[@]}"; do
     case ${t} in
-      all) install_kafka; install_minio; install_prometheus ;;
+      all) install_kafka; install_minio; install_prometheus; install_k8s_tools ;;
       kafka) install_kafka ;;
       minio) install_minio ;;
       prometheus) install_prometheus ;;
-      *) die "unknown service '${t}' (kafka, minio, prometheus, all)" ;;
+      k8s-tools) install_k8s_tools ;;
+      *) die "unknown service '${t}' (kafka, minio, prometheus, k8s-tools, all)" ;;
     esac
   done
 }

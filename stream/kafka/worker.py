@@ -1,10 +1,12 @@
 """``terradapt worker``: the faust stream worker. Its agents move messages and store state; the pipeline does the rest.
 
-Two agents, one loop: acquisitions go to ``Pipeline.process``, delayed labels to ``Pipeline.process_label``; each
-call runs in a worker thread (``run_in_executor``: a blocked event loop stops offset commits and triggers
-rebalances) with the region's stored state, and the agent stores the state the call returns and publishes its
-records. Messages are keyed by region, so a region's state lives in the table partition its messages arrive on,
-survives restarts and moves with the partition on a rebalance (changelog-backed tables).
+Two agents, one loop: acquisitions go to ``Pipeline.process_many`` in batches (the messages waiting, up to
+``stream.batch_max_tiles``, gathered for at most ``stream.batch_wait_ms``: one region's tiles share forward passes),
+delayed labels to ``Pipeline.process_label`` one by one; each call runs in a worker thread (``run_in_executor``: a
+blocked event loop stops offset commits and triggers rebalances) with the region's stored state, and the agent
+stores the state the call returns and publishes its records. Messages are keyed by region, so a region's state
+lives in the table partition its messages arrive on, survives restarts and moves with the partition on a rebalance
+(changelog-backed tables).
 
 Delivery is at-least-once; outputs are idempotent (the prediction object key is the acquisition id, the job id is
 derived from the acquisition id). A region's stored state carries the partition offset of the last message it
@@ -20,12 +22,15 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import faust
+import faust.streams as faust_streams
+from faust.streams import Stream
 
 from stream.kafka.security import faust_credentials
 from stream.kafka.services import Services
@@ -33,8 +38,42 @@ from stream.outcome import Outcome
 
 log = logging.getLogger("terradapt.worker")
 
-#: (payload, key, stored state) -> outcome: ``Pipeline.process`` or ``Pipeline.process_label``.
-Step = Callable[[bytes, str | None, bytes | None], Outcome]
+#: [(payload, key, stored state)] -> one outcome each: ``Pipeline.process_many``, or ``process_label`` per item.
+Step = Callable[[list[tuple[bytes, str | None, bytes | None]]], list[Outcome]]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How many waiting messages an agent hands to its step at once, and how long it waits for them."""
+
+    max_messages: int = 1
+    wait_s: float = 0.0
+
+
+async def _batches(stream: faust.StreamT[bytes], batch: Batching) -> AsyncIterator[list[Any]]:
+    """The stream's events in lists of up to ``batch.max_messages`` (one by one when that is 1).
+
+    A list is handed over when it is full or ``batch.wait_s`` after the agent started waiting, whichever is first;
+    faust acknowledges its events once the list has been processed.
+    """
+    if batch.max_messages == 1:
+        async for event in stream.events():
+            yield [event]
+        return
+    events_of = cast("Stream[bytes]", stream).take_events  # the agent's stream is a faust Stream (StreamT lacks it)
+    async for events in events_of(batch.max_messages, within=max(batch.wait_s, 0.001)):
+        yield list(events)
+
+
+def _make_current(event: Any) -> None:
+    """Make ``event`` the current event of this task: a table write goes to the changelog partition of it.
+
+    faust sets it for an agent iterating single events; one iterating a batch sets it per message before storing
+    that message's state. Only this task's context variable is set (``Stream.current_event``, which faust's batch
+    buffer reads in another task, is left alone).
+    """
+    faust_streams._current_event.set(weakref.ref(event))
+
 
 _STORED = b"TDS1"  # a table value: this marker, the partition and offset of the message that made it, the state
 _POSITION = struct.Struct(">iq")
@@ -100,40 +139,51 @@ def create_app(services: Services) -> faust.App:
 
     progress = _Progress()
 
-    async def drain(stream: faust.StreamT[bytes], step: Step, table: Any, what: str) -> None:
+    async def drain(stream: faust.StreamT[bytes], step: Step, table: Any, what: str, batch: Batching) -> None:
         loop = asyncio.get_running_loop()
-        async for event in stream.events():
-            message = event.message
-            progress.seen(message.tp, message.offset)
-            raw_key, value = message.key, message.value
-            key = raw_key.decode("utf-8", errors="replace") if raw_key else None
-            stored = unpack_state(table[key]) if key is not None and key in table else None
-            if stored is not None and stored.covers(message.partition, message.offset):
-                log.info("skipped replayed %s %s (offset %s)", what, key, message.offset)
+        async for events in _batches(stream, batch):
+            todo: list[tuple[Any, str | None, bytes | None]] = []  # (event, key, state): not yet in the state
+            for event in events:
+                message = event.message
+                progress.seen(message.tp, message.offset)
+                key = message.key.decode("utf-8", errors="replace") if message.key else None
+                stored = unpack_state(table[key]) if key is not None and key in table else None
+                if stored is not None and stored.covers(message.partition, message.offset):
+                    log.info("skipped replayed %s %s (offset %s)", what, key, message.offset)
+                    continue
+                todo.append((event, key, None if stored is None else stored.state))
+            if not todo:
                 continue
-            state = None if stored is None else stored.state
+            items = [(event.message.value, key, state) for event, key, state in todo]
             progress.busy += 1
             try:
-                outcome = await loop.run_in_executor(executor, step, value, key, state)
+                outcomes = await loop.run_in_executor(executor, step, items)
             finally:
                 progress.busy -= 1
-            # records first, the state after, through the same producer: the state's changelog record is queued
-            # behind them. (Awaiting each delivery here stalled a worker after a rebalance under load: the agent
-            # stopped consuming, so deliveries are not awaited inside the agent.)
-            for out in outcome.messages:
-                await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
-            if outcome.state is not None and key is not None:
-                table[key] = pack_state(message.partition, message.offset, outcome.state)
-            log.info("processed %s %s", what, key)
-            progress.seen(message.tp, message.offset)
+            if len(todo) > 1:
+                log.info("processed a batch of %d %ss", len(todo), what)
+            for (event, key, _), outcome in zip(todo, outcomes, strict=True):
+                message = event.message
+                _make_current(event)
+                # records first, the state after, through the same producer: the state's changelog record is
+                # queued behind them. (Awaiting each delivery here stalled a worker after a rebalance under load:
+                # the agent stopped consuming, so deliveries are not awaited inside the agent.)
+                for out in outcome.messages:
+                    await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
+                if outcome.state is not None and key is not None:
+                    table[key] = pack_state(message.partition, message.offset, outcome.state)
+                log.info("processed %s %s", what, key)
+                progress.seen(message.tp, message.offset)
+
+    acquisition_batches = Batching(settings.stream.batch_max_tiles, settings.stream.batch_wait_ms / 1000.0)
 
     @app.agent(app.topic(topics.acquisitions, key_type=bytes, value_type=bytes, partitions=partitions))
     async def acquisitions(stream: faust.StreamT[bytes]) -> None:
-        await drain(stream, pipeline.process, states, "acquisition")
+        await drain(stream, pipeline.process_many, states, "acquisition", acquisition_batches)
 
     @app.agent(app.topic(topics.labels, key_type=bytes, value_type=bytes, partitions=partitions))
     async def labels(stream: faust.StreamT[bytes]) -> None:
-        await drain(stream, pipeline.process_label, accuracy, "label")
+        await drain(stream, lambda items: [pipeline.process_label(*i) for i in items], accuracy, "label", Batching())
 
     watched = {topics.acquisitions, topics.labels}
 
