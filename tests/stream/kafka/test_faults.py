@@ -174,11 +174,15 @@ def plan(source_checkpoint: tuple[Path, list[np.ndarray]], tiles: dict[str, list
 
 # -- comparing a Kafka run with the reference --------------------------------------------------------------------
 def _close(a: Any, b: Any, path: str = "") -> list[str]:
-    """Where two JSON values differ (floats to 1e-5 relative: float32 sums vary with threads); empty if they agree."""
+    """Where two JSON values differ; empty if they agree.
+
+    Floats to 1e-5 relative or absolute: float32 sums vary with the thread split and with the batch a tile was
+    predicted in (the worker batches, the reference does not); decisions (counts, flags, indices) are exact.
+    """
     if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None or isinstance(a, str):
         return [] if a == b else [f"{path}: {a!r} != {b!r}"]
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return [] if math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-8) else [f"{path}: {a!r} != {b!r}"]
+        return [] if math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5) else [f"{path}: {a!r} != {b!r}"]
     if isinstance(a, dict) and isinstance(b, dict):
         if a.keys() != b.keys():
             return [f"{path}: keys {sorted(a)} != {sorted(b)}"]
