@@ -84,6 +84,7 @@ bench: install bench-extras
 	$(PY) bench/drift.py
 	$(PY) bench/adaptation.py
 	$(PY) bench/selection.py
+	$(PY) bench/stream.py
 
 clean:
 	rm -rf .terradapt report .pytest_cache .mypy_cache .ruff_cache
