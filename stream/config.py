@@ -50,7 +50,7 @@ class StreamConfig(StrictModel):
     buffer_tiles: int = Field(default=16, ge=1, description="recent tiles kept per region for adaptation")
     predict_retries: int = Field(default=3, ge=0, description="retries of a transient predictor failure per tile")
     batch_max_tiles: int = Field(
-        default=1, ge=1, le=1024, description="the worker predicts up to this many waiting acquisitions together"
+        default=8, ge=1, le=1024, description="the worker predicts up to this many waiting acquisitions together"
     )
     batch_wait_ms: float = Field(
         default=20.0, ge=0, le=60_000, description="longest wait for a batch to fill once its first tile is there"
