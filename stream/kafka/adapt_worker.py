@@ -80,6 +80,7 @@ class AdaptWorker:
                     key = msg.key.decode("utf-8", errors="replace") if msg.key else None
                     self.publish(self.s.pipeline.run_job(msg.value, key))
                     self.consumer.commit()
+                    log.info("handled adaptation job of %s (partition %s, offset %s)", key, msg.partition, msg.offset)
                     handled += 1
             if max_messages is not None and handled >= max_messages:
                 break

@@ -23,6 +23,7 @@ import logging
 import struct
 import time
 import weakref
+import zlib
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ def _make_current(event: Any) -> None:
 
 
 _STORED = b"TDS1"  # a table value: this marker, the partition and offset of the message that made it, the state
+_COMPACT = b"TDS2"  # the same with the state zlib-compressed (what ``pack_state`` writes)
 _POSITION = struct.Struct(">iq")
 
 
@@ -93,16 +95,30 @@ class StoredState:
 
 
 def pack_state(partition: int, offset: int, state: bytes) -> bytes:
-    """The table value of ``state`` made by the message at (partition, offset)."""
-    return _STORED + _POSITION.pack(partition, offset) + state
+    """The table value of ``state`` made by the message at (partition, offset): compact (the JSON state deflated).
+
+    A region's monitor state is ~4.8 kB of JSON, ~1.5 kB deflated: what the changelog topic carries per message.
+    """
+    return _COMPACT + _POSITION.pack(partition, offset) + zlib.compress(state, 1)
 
 
 def unpack_state(value: bytes) -> StoredState:
-    """Inverse of ``pack_state``; a value stored without a position (an older worker) is taken as it is."""
-    if not value.startswith(_STORED):
-        return StoredState(value)
-    partition, offset = _POSITION.unpack_from(value, len(_STORED))
-    return StoredState(value[len(_STORED) + _POSITION.size :], partition, offset)
+    """Inverse of ``pack_state``; values of older workers (uncompressed, or stored without a position) are read too.
+
+    A compact value that does not inflate (a corrupt changelog record) is handed over as it is: the pipeline treats
+    state bytes it cannot read as unreadable (logged, the region starts again from a fresh monitor).
+    """
+    head = len(_STORED) + _POSITION.size
+    if value.startswith(_COMPACT):
+        partition, offset = _POSITION.unpack_from(value, len(_COMPACT))
+        try:
+            return StoredState(zlib.decompress(value[head:]), partition, offset)
+        except zlib.error:
+            return StoredState(value[head:], partition, offset)
+    if value.startswith(_STORED):
+        partition, offset = _POSITION.unpack_from(value, len(_STORED))
+        return StoredState(value[head:], partition, offset)
+    return StoredState(value)
 
 
 def create_app(services: Services) -> faust.App:
@@ -156,13 +172,16 @@ def create_app(services: Services) -> faust.App:
                 continue
             items = [(event.message.value, key, state) for event, key, state in todo]
             progress.busy += 1
+            started = time.time()
             try:
                 outcomes = await loop.run_in_executor(executor, step, items)
             finally:
                 progress.busy -= 1
-            if len(todo) > 1:
-                log.info("processed a batch of %d %ss", len(todo), what)
-            for (event, key, _), outcome in zip(todo, outcomes, strict=True):
+            # one line per step with its wall-clock span and regions: the scale-out test reads these to see that no
+            # region is ever processed by two workers at once
+            regions = ",".join(sorted({key for _, key, _ in todo if key is not None}))
+            log.info("step of %d %ss [%s] from %.6f to %.6f", len(todo), what, regions, started, time.time())
+            for (event, key, before), outcome in zip(todo, outcomes, strict=True):
                 message = event.message
                 _make_current(event)
                 # records first, the state after, through the same producer: the state's changelog record is
@@ -170,8 +189,8 @@ def create_app(services: Services) -> faust.App:
                 # the agent stopped consuming, so deliveries are not awaited inside the agent.)
                 for out in outcome.messages:
                     await sinks[out.topic].send(key=out.key.encode(), value=out.record.to_json())
-                if outcome.state is not None and key is not None:
-                    table[key] = pack_state(message.partition, message.offset, outcome.state)
+                if outcome.state is not None and key is not None and outcome.state != before:
+                    table[key] = pack_state(message.partition, message.offset, outcome.state)  # only a change
                 log.info("processed %s %s", what, key)
                 progress.seen(message.tp, message.offset)
 
@@ -189,31 +208,76 @@ def create_app(services: Services) -> faust.App:
 
     @app.timer(interval=STALL_CHECK_S)  # type: ignore[untyped-decorator]  # faust's timer is untyped
     async def stall_guard() -> None:
-        """Re-seek a partition that has messages waiting but is no longer fetched (faust-streaming #629).
+        """Re-seek a partition that has messages waiting but is not fetched (faust-streaming #629).
 
-        After some rebalances under load a partition can stay assigned yet never be fetched again: its pending
-        acquisitions would wait until the next restart. When nothing was consumed for a whole check interval and
-        a watched partition's end offset is past what this worker consumed, the partition is sought back to the
-        next offset (a replay of a message the stored state already includes is skipped by ``drain``).
+        After some rebalances under load a partition can stay assigned yet never reach the agent: aiokafka has
+        fetched past a record faust never delivered, or never fetches the partition at all. Its pending
+        acquisitions would wait until the next restart. When nothing was consumed for a whole check interval and a
+        watched partition's end offset is past the next offset this worker should read (one past what it consumed
+        there, or the group's committed offset for a partition it has not consumed from yet, or the earliest
+        offset when the group never committed it), the partition is put back in faust's fetch set and sought
+        there. A replay of a message the stored state already includes is skipped by ``drain``.
         """
         if app.rebalancing or app.in_recovery or not progress.idle(STALL_CHECK_S):
             return
-        consumer = app.consumer
-        tps = [tp for tp in consumer.assignment() if tp.topic in watched and tp in progress.offsets]
+        consumer: Any = app.consumer
+        tps = [tp for tp in consumer.assignment() if tp.topic in watched]
         if not tps:
             return
         ends = await consumer.highwaters(*tps)
+        uncommitted = [tp for tp in tps if tp not in progress.offsets and consumer._committed_offset.get(tp) is None]
+        earliest = await consumer.earliest_offsets(*uncommitted) if uncommitted else {}
         for tp in tps:
-            nxt = progress.offsets[tp] + 1
+            nxt = _next_offset(progress.offsets.get(tp), consumer._committed_offset.get(tp), earliest.get(tp, 0))
             if ends.get(tp, 0) > nxt:
-                log.warning("partition %s stalled at offset %s (end %s): resuming it from there", tp, nxt, ends[tp])
-                # faust fetches only its "active" partitions; one left out of that set after a rebalance is never
-                # fetched again: put it back, and re-fetch from the next offset (records of it dropped meanwhile)
+                log.warning(
+                    "partition %s stalled at offset %s (end %s): resuming it from there; %s",
+                    tp,
+                    nxt,
+                    ends[tp],
+                    _consumer_view(app, tp),
+                )
                 consumer.resume_partitions({tp})
                 await consumer.seek(tp, nxt)
                 progress.seen(tp, nxt - 1)
 
     return app
+
+
+def _next_offset(consumed: int | None, committed: int | None, earliest: int) -> int:
+    """The offset a partition should be read from next: past what this worker consumed and what the group committed.
+
+    ``committed`` is Kafka's committed position (the next offset to read), ``consumed`` the last offset this worker
+    took from the partition; ``earliest`` is used when neither is known (the group never read the partition).
+    """
+    known = [x for x in (None if consumed is None else consumed + 1, committed) if x is not None]
+    return max(known) if known else earliest
+
+
+def _consumer_view(app: faust.App, tp: Any) -> dict[str, Any]:
+    """What faust and aiokafka hold about ``tp`` (for the stall log)."""
+    consumer: Any = app.consumer
+    view: dict[str, Any] = {
+        "flow_active": consumer.flow_active,
+        "active": tp in (consumer._active_partitions or set()),
+        "paused": tp in consumer._paused_partitions,
+        "read_offset": consumer._read_offset.get(tp),
+        "committed": consumer._committed_offset.get(tp),
+        "flow_control": app.flow_control.is_active(),
+    }
+    try:
+        inner = consumer._thread._ensure_consumer()
+        state = inner._subscription.subscription.assignment.state_value(tp)
+        view.update(
+            a_paused=state.paused,
+            a_valid=state.has_valid_position,
+            a_position=state.position if state.has_valid_position else None,
+            a_records=tp in inner._fetcher._records,
+            a_in_flight=sorted(inner._fetcher._in_flight),
+        )
+    except Exception as exc:  # diagnostics only: never fail the guard
+        view["aiokafka"] = repr(exc)
+    return view
 
 
 #: seconds without consuming anything before the stall guard checks the watched partitions

@@ -16,7 +16,7 @@ from stream.kafka.worker import unpack_state
 
 pytestmark = pytest.mark.services
 
-BATCH = re.compile(r"processed a batch of (\d+) acquisitions")
+BATCH = re.compile(r"step of (\d+) acquisitions")
 
 
 @pytest.mark.parametrize("batch_max", [1, 4])
@@ -30,10 +30,8 @@ def test_batch_max_tiles_sets_how_many_waiting_acquisitions_share_one_call(make_
     preds = stack.wait_for("predictions", lambda m: {p["acquisition_id"] for p in m} >= ids, timeout_s=300)
     assert sorted(p["acquisition_id"] for p in preds) == sorted(ids)  # each once
     sizes = [int(n) for n in BATCH.findall(stack.log_text("worker"))]
-    if batch_max == 1:
-        assert sizes == []
-    else:
-        assert sizes and max(sizes) == batch_max, sizes  # full batches of the limit, never more
+    assert sum(sizes) == len(ids), sizes  # every acquisition in exactly one step
+    assert max(sizes) == batch_max, sizes  # full batches of the limit, never more
     stack.wait_for(
         "predictions",
         lambda _: (
