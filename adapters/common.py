@@ -7,16 +7,20 @@ Why a shared module: every entropy/pseudo-label method here trains the same smal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from terradapt.errors import TerradaptError
+from terradapt.metrics import pixel_entropy
 from terradapt.model import NORM_TYPES, SegmentationModel, norm_layers
 
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+B = TypeVar("B")
 
 
 class MethodNotApplicableError(TerradaptError, ValueError):
@@ -88,6 +92,21 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m, (mean, var, count) in stash:
             m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+
+
+def minimise_entropy(
+    model: Callable[[B], torch.Tensor], batch: B, optimizer: torch.optim.Optimizer, steps: int
+) -> None:
+    """``steps`` optimiser steps on the mean prediction entropy of ``batch`` (per pixel, or per parcel for crops).
+
+    The entropy is taken over dim 1 (classes) of the model's logits, so tiles (N, K, H, W) and parcels (N, K)
+    go through the same loss: the TENT objective of both tasks.
+    """
+    for _ in range(steps):
+        loss = pixel_entropy(model(batch)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        optimizer.step()
 
 
 def flip_averaged_probs(model: SegmentationModel, batch: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,7 @@ import torch
 from pydantic import Field
 
 from adapters.base import Adapter, AdapterConfig
-from adapters.common import bn_names, configure_bn_training, restart_running_stats
-from terradapt.metrics import pixel_entropy
+from adapters.common import bn_names, configure_bn_training, minimise_entropy, restart_running_stats
 from terradapt.model import SegmentationModel
 
 
@@ -48,8 +47,4 @@ class Tent(Adapter):
         if self._fresh:
             restart_running_stats(self.model)
             self._fresh = False
-        for _ in range(self.config.steps):
-            loss = pixel_entropy(self.model(batch)).mean()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            self.optimizer.step()
+        minimise_entropy(self.model, batch, self.optimizer, self.config.steps)

@@ -24,6 +24,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Final, Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -82,6 +83,13 @@ DEAD_LETTER_REASONS: Final = (
     "key_mismatch",
     "predictor_unavailable",
     "invalid_calibration",
+    # parcel time series (terradapt.crops.series: InvalidSeriesError and the reasons it names)
+    "invalid_series",
+    "dates_not_increasing",
+    "wrong_band_count",
+    "nan_share",
+    # ingest (terradapt.capture_time: a tile nothing dates, when the ingest requires a capture time)
+    "unknown_capture_time",
     # runner-level reasons (not TerradaptError subclasses)
     "internal_error",
     "adaptation_failed",
@@ -208,6 +216,11 @@ class ServiceMetrics:
         )
         # -- drift -------------------------------------------------------------------------------------------
         self.drift_score = gauge("drift_score", "Current drift statistic of a region's signal.", ("region", "signal"))
+        self.tile_acquired = gauge(
+            "tile_acquired_timestamp_seconds",
+            "Capture time of the region's last monitored tile (Unix seconds; drift against acquisition time).",
+            ("region",),
+        )
         self.drift_threshold = gauge(
             "drift_threshold", "Calibrated alarm threshold of a region's signal.", ("region", "signal")
         )
@@ -343,6 +356,7 @@ class ServiceMetrics:
         fired: Iterable[str] = (),
         *,
         newly_detected: bool = False,
+        acquired: datetime | None = None,
     ) -> None:
         """Publish a region's monitor update (``MonitorUpdate`` fields) after each tile.
 
@@ -352,9 +366,12 @@ class ServiceMetrics:
             thresholds: Calibrated threshold per signal.
             fired: Signals in the drift state.
             newly_detected: The region has just crossed into drift (counts one drift event per fired signal).
+            acquired: The tile's capture time, when known (``tile_acquired_timestamp_seconds``).
 
         """
         label = self.init_region(region)
+        if acquired is not None:
+            self.tile_acquired.labels(label).set(acquired.timestamp())
         fired_set = {self._name_label(s) for s in fired}
         for signal, score in scores.items():
             s = self._name_label(signal)

@@ -12,16 +12,18 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import Field, field_validator
 
+from monitoring import signal_bank as bank
 from monitoring.calibration import CalibrationData, CalibrationError
-from monitoring.detectors import Detector, IncompatibleStateError, create_detector
+from monitoring.detectors import Detector, create_detector
 from monitoring.features import TileFeatures
+from monitoring.signal_bank import SignalUpdate
 from terradapt.settings import StrictModel
 
 log = logging.getLogger(__name__)
@@ -113,14 +115,8 @@ class MonitorConfig(StrictModel):
 
 
 @dataclass(frozen=True)
-class MonitorUpdate:
+class MonitorUpdate(SignalUpdate):
     """What one tile did to the region's monitor."""
-
-    scores: dict[str, float]
-    thresholds: dict[str, float]
-    fired: tuple[str, ...]
-    newly_detected: bool
-    p_values: dict[str, float] = field(default_factory=dict)
 
     @property
     def p_value(self) -> float:
@@ -235,34 +231,17 @@ class RegionMonitor:
         if model_version != self.model_version:
             self.model_version = model_version
             self._warmup = []
-            for det in self.detectors.values():
-                det.reset()
+            bank.reset_all(self.detectors)
         if self._warmup is not None:
             self._warmup.append(features)
             if len(self._warmup) >= self.config.warmup_tiles:
                 self.rebaseline(self._warmup)
                 self._warmup = None
-            return MonitorUpdate(
-                scores={n: 0.0 for n in self.detectors},
-                thresholds={n: d.threshold for n, d in self.detectors.items()},
-                fired=(),
-                newly_detected=False,
-                p_values={n: 1.0 for n in self.detectors},
-            )
-        was = self.drift_detected
-        for name, det in self.detectors.items():
-            det.update(SIGNALS[name][0](features))
-        fired = tuple(n for n, d in self.detectors.items() if d.drift_detected)
-        newly = bool(fired) and not was
-        if newly:
+            return bank.quiet_update(self.detectors, MonitorUpdate)
+        update = bank.feed(self.detectors, {n: SIGNALS[n][0](features) for n in self.detectors}, MonitorUpdate)
+        if update.newly_detected:
             self.detected_at = self.tiles_seen
-        return MonitorUpdate(
-            scores={n: d.score for n, d in self.detectors.items()},
-            thresholds={n: d.threshold for n, d in self.detectors.items()},
-            fired=fired,
-            newly_detected=newly,
-            p_values={n: d.p_value for n, d in self.detectors.items()},
-        )
+        return update
 
     @property
     def warming_up(self) -> bool:
@@ -272,7 +251,7 @@ class RegionMonitor:
     @property
     def drift_detected(self) -> bool:
         """Whether any signal has fired."""
-        return any(d.drift_detected for d in self.detectors.values())
+        return bank.any_drift(self.detectors)
 
     @property
     def tiles_since_detection(self) -> int:
@@ -281,14 +260,12 @@ class RegionMonitor:
 
     def rebaseline(self, features: Sequence[TileFeatures]) -> None:
         """After an adaptation: the region's recent tiles, seen by the new model, are the new normal."""
-        for name, det in self.detectors.items():
-            det.rebaseline(np.stack([SIGNALS[name][0](f) for f in features]))
+        bank.rebaseline(self.detectors, {n: np.stack([SIGNALS[n][0](f) for f in features]) for n in self.detectors})
         self.detected_at = None
 
     def reset(self) -> None:
         """Forget the stream, keep calibration."""
-        for det in self.detectors.values():
-            det.reset()
+        bank.reset_all(self.detectors)
         self.tiles_seen = 0
         self.detected_at = None
 
@@ -299,7 +276,7 @@ class RegionMonitor:
             "detected_at": self.detected_at,
             "model_version": self.model_version,
             "warmup": None if self._warmup is None else [f.to_dict() for f in self._warmup],
-            "detectors": {n: d.state_dict() for n, d in self.detectors.items()},
+            "detectors": bank.bank_state(self.detectors),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -314,11 +291,4 @@ class RegionMonitor:
         self.model_version = int(state.get("model_version", 0))
         warm = state.get("warmup")
         self._warmup = None if warm is None else [TileFeatures.from_dict(d) for d in warm]
-        stored = state.get("detectors", {})
-        for name, det in self.detectors.items():
-            try:
-                if name in stored:
-                    det.load_state_dict(stored[name])
-            except IncompatibleStateError as exc:
-                log.warning("signal %s: stored stream state not reused (%s); starting a fresh window", name, exc)
-                det.reset()
+        bank.load_bank_state(self.detectors, state.get("detectors", {}))

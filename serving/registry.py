@@ -4,11 +4,14 @@ Layout (same on the file system and in MinIO)::
 
     models/source/0/{weights.safetensors, manifest.json}     the shared source model (never deleted)
     models/source/0/calibration.json                         its calibration data (monitoring.calibration)
-    models/<region>/<version>/{weights.safetensors, manifest.json}
+    models/<region>/<version>/{weights.safetensors, manifest.json, item.json}
     aliases/<region>.json                                    {"current": v, "previous": v or null}
 
 Every region's lineage starts at version 0 = the source model. Weights are written before the manifest, and a
-version exists only once its manifest does, so a reader never sees a half-written version. ``publish`` is
+version exists only once its manifest does, so a reader never sees a half-written version (the rules every task's
+registry shares live in :class:`serving.lineage.VersionRegistry`). ``item.json`` describes
+the version as a STAC item with the Machine Learning Model extension (``terradapt.stac_items.model_item``), for
+catalogs and STAC tools; the manifest stays what loads trust. ``publish`` is
 idempotent per adaptation job id: a retried job returns the version it already made.
 """
 
@@ -17,51 +20,46 @@ from __future__ import annotations
 import json
 
 from monitoring.calibration import CalibrationData
+from serving.lineage import SOURCE, VersionRegistry
 from serving.store import BlobStore
-from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, decode, sha256_hex
-from terradapt.errors import ChecksumMismatchError, ModelVersionNotFoundError, ObjectNotFoundError
+from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest, decode, verify_sha256
+from terradapt.errors import ObjectNotFoundError
 from terradapt.model import SegmentationModel
-from terradapt.records import ModelVersion
+from terradapt.stac_items import model_item
 
-SOURCE = "source"
+#: the STAC MLM item of a version, beside its manifest
+STAC_ITEM_FILE = "item.json"
+
+__all__ = ["CALIBRATION_KEY", "SOURCE", "STAC_ITEM_FILE", "ModelRegistry"]
+
 CALIBRATION_KEY = f"models/{SOURCE}/0/calibration.json"
 
 
-class ModelRegistry:
+class ModelRegistry(VersionRegistry[ModelManifest]):
     """Versions, aliases and history of every region's model."""
 
     def __init__(self, store: BlobStore) -> None:
-        self.store = store
+        super().__init__(store, ModelManifest.model_validate_json)
 
-    @staticmethod
-    def _prefix(region: str, version: int) -> str:
-        return f"models/{SOURCE}/0" if version == 0 else f"models/{region}/{version}"
+    def _after_write(self, prefix: str, manifest: ModelManifest) -> None:
+        item = json.dumps(self.stac_item(manifest), indent=1).encode()
+        self.store.put(f"{prefix}/{STAC_ITEM_FILE}", item, "application/geo+json")
 
-    def publish_source(self, weights: bytes, manifest: ModelManifest) -> ModelVersion:
-        """Store the shared source model as version 0 of every lineage."""
-        stamped = manifest.model_copy(update={"region": SOURCE, "version": 0, "parent": None})
-        return self._write(SOURCE, 0, weights, stamped)
+    def stac_item_uri(self, region: str, version: int) -> str:
+        """Where the STAC MLM item of a version is (``item.json`` beside its manifest)."""
+        return self.store.uri(f"{self._prefix(region, version)}/{STAC_ITEM_FILE}")
 
-    def publish(self, weights: bytes, manifest: ModelManifest) -> ModelVersion:
-        """Store a new version of ``manifest.region``; return the existing one if the job already published."""
-        region = manifest.region
-        existing = self.history(region)
-        if manifest.job_id is not None:
-            for m in existing:
-                if m.job_id == manifest.job_id:
-                    return self.record(m)
-        version = max((m.version for m in existing), default=0) + 1
-        return self._write(region, version, weights, manifest.model_copy(update={"version": version}))
-
-    def _write(self, region: str, version: int, weights: bytes, manifest: ModelManifest) -> ModelVersion:
-        sha = sha256_hex(weights)
-        if manifest.sha256 and manifest.sha256 != sha:
-            raise ChecksumMismatchError(f"{region} v{version}", manifest.sha256, sha)
-        manifest = manifest.model_copy(update={"sha256": sha})
-        prefix = self._prefix(region, version)
-        self.store.put(f"{prefix}/{WEIGHTS_FILE}", weights)
-        self.store.put(f"{prefix}/{MANIFEST_FILE}", manifest.model_dump_json(indent=2).encode(), "application/json")
-        return self.record(manifest)
+    def stac_item(self, manifest: ModelManifest) -> dict[str, object]:
+        """The STAC MLM item (as JSON) describing a stored version's manifest, weights and lineage."""
+        prefix = self._prefix(manifest.region, manifest.version)
+        parent = None if manifest.parent is None else self.stac_item_uri(manifest.region, manifest.parent)
+        item = model_item(
+            manifest,
+            weights_href=self.store.uri(f"{prefix}/{WEIGHTS_FILE}"),
+            manifest_href=self.store.uri(f"{prefix}/{MANIFEST_FILE}"),
+            parent_href=parent,
+        )
+        return item.to_dict(include_self_link=False, transform_hrefs=False)
 
     # -- calibration -------------------------------------------------------------------------------------------
     def publish_calibration(self, data: CalibrationData) -> str:
@@ -98,82 +96,18 @@ class ModelRegistry:
             raise ObjectNotFoundError(self.store.uri(CALIBRATION_KEY))
         return CalibrationData.model_validate_json(self.store.get(CALIBRATION_KEY))
 
-    def find_job(self, region: str, job_id: str) -> ModelVersion | None:
-        """The version an adaptation job already published, if any (retried jobs must not publish twice)."""
-        for m in self.history(region):
-            if m.job_id == job_id:
-                return self.record(m)
-        return None
-
-    def record(self, m: ModelManifest) -> ModelVersion:
-        """The ModelVersion record of a stored manifest."""
-        return ModelVersion(
-            region=m.region,
-            version=m.version,
-            parent=m.parent,
-            method=m.method,
-            sha256=m.sha256,
-            href=self.store.uri(self._prefix(m.region, m.version)),
-            accepted=m.gate_accepted,
-            gate_reasons=m.gate_reasons,
-            gate_metrics=m.gate_metrics,
-            job_id=m.job_id,
-        )
-
-    def manifest(self, region: str, version: int) -> ModelManifest:
-        """The manifest of one version."""
-        key = f"{self._prefix(region, version)}/{MANIFEST_FILE}"
-        if not self.store.exists(key):
-            raise ModelVersionNotFoundError(region, version)
-        return ModelManifest.model_validate_json(self.store.get(key))
-
     def load(self, region: str, version: int | None = None) -> tuple[SegmentationModel, ModelManifest]:
         """Load (and sha256-verify) a version; ``None`` means the region's current version."""
         v = self.current(region) if version is None else version
-        prefix = self._prefix(region, v)
         manifest_json = self.manifest(region, v).model_dump_json().encode()
-        return decode(self.store.get(f"{prefix}/{WEIGHTS_FILE}"), manifest_json, what=f"{region} v{v}")
+        return decode(self._stored_weights(region, v), manifest_json, what=self._what(region, v))
 
     def weights(self, region: str, version: int) -> bytes:
         """Raw verified weights bytes of a version (for packaging)."""
         manifest = self.manifest(region, version)
-        data = self.store.get(f"{self._prefix(region, version)}/{WEIGHTS_FILE}")
-        if sha256_hex(data) != manifest.sha256:
-            raise ChecksumMismatchError(f"{region} v{version}", manifest.sha256, sha256_hex(data))
+        data = self._stored_weights(region, version)
+        verify_sha256(data, manifest.sha256, self._what(region, version))
         return data
-
-    def _aliases(self, region: str) -> dict[str, int | None]:
-        key = f"aliases/{region}.json"
-        if not self.store.exists(key):
-            return {"current": 0, "previous": None}
-        data: dict[str, int | None] = json.loads(self.store.get(key))
-        return data
-
-    def current(self, region: str) -> int:
-        """The version a region serves (0 = source until an adaptation is promoted)."""
-        v = self._aliases(region)["current"]
-        return 0 if v is None else v
-
-    def previous(self, region: str) -> int | None:
-        """The version served before the current one (the rollback target)."""
-        return self._aliases(region)["previous"]
-
-    def set_current(self, region: str, version: int) -> None:
-        """Point the region's alias at ``version`` (one atomic object write), keeping the old one as previous."""
-        self.manifest(region, version)  # raises if missing
-        old = self.current(region)
-        if old == version:
-            return
-        payload = json.dumps({"current": version, "previous": old}).encode()
-        self.store.put(f"aliases/{region}.json", payload, "application/json")
-
-    def history(self, region: str) -> list[ModelManifest]:
-        """Every complete version of the region's lineage (source excluded), oldest first."""
-        out = []
-        for key in self.store.list(f"models/{region}/"):
-            if key.endswith(f"/{MANIFEST_FILE}"):
-                out.append(ModelManifest.model_validate_json(self.store.get(key)))
-        return sorted(out, key=lambda m: m.version)
 
     def delete(self, region: str, version: int) -> None:
         """Remove a version; the source, current and previous versions are refused."""
@@ -182,4 +116,5 @@ class ModelRegistry:
             raise ValueError(f"refusing to delete {region} v{version}: source, current or previous")
         prefix = self._prefix(region, version)
         self.store.delete(f"{prefix}/{MANIFEST_FILE}")
+        self.store.delete(f"{prefix}/{STAC_ITEM_FILE}")
         self.store.delete(f"{prefix}/{WEIGHTS_FILE}")

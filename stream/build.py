@@ -60,6 +60,19 @@ def predictor_and_deployer(settings: Settings, registry: ModelRegistry) -> tuple
     return predictor, InProcessDeployer(registry)
 
 
+def configure_threads(settings: Settings) -> None:
+    """Set torch's intra-op threads of this process from ``runtime.torch_threads`` (0 leaves torch's default).
+
+    Done where every runner builds its pipeline, before a model is loaded: the worker, the adaptation worker, the
+    embedded runner and the demo.
+    """
+    threads = settings.runtime.torch_threads
+    if threads:
+        import torch  # here: ``stream.build`` is imported by tools that never compute
+
+        torch.set_num_threads(threads)
+
+
 def build_pipeline(
     settings: Settings,
     *,
@@ -77,6 +90,7 @@ def build_pipeline(
     demo passes its dataset's bands). Delayed labels are kept for few-shot adaptation under ``labels/`` in the
     prediction store (same bucket or folder; region codes never spell ``labels``).
     """
+    configure_threads(settings)
     if predictor is None or deployer is None:
         built = predictor_and_deployer(settings, registry)
         predictor = predictor or built[0]

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from stream.cli_common import ConfigOption, _console, _settings
+from stream.cli_common import ConfigOption, _console, _settings, capture_times
 from stream.cli_models import adapt, evaluate, generate, import_model, registry_init, train
 
 app = typer.Typer(add_completion=False, help="terradapt: keep land-cover models accurate as they meet new regions.")
@@ -28,20 +28,34 @@ def demo(
         typer.Option(help="source architecture: small, flair-baseline, smp:<Arch>:<encoder>; default: settings"),
     ] = None,
     metrics_port: Annotated[int, typer.Option(help="serve Prometheus /metrics on this loopback port (0 = off)")] = 0,
+    task: Annotated[
+        str, typer.Option(help="segmentation (land cover tiles) or crops (parcel time series, [crops] settings)")
+    ] = "segmentation",
 ) -> None:
     """Run the whole loop on embedded defaults: stream, detect drift, adapt, gate, deploy, report.
 
     Every setting applies (``TERRADAPT_MONITOR__ERT``, ``TERRADAPT_ADAPTATION__METHOD``...); ``[demo]`` /
-    ``TERRADAPT_DEMO__*`` choose the scenario.
+    ``TERRADAPT_DEMO__*`` choose the scenario. ``--task crops`` runs the crop loop on synthetic countries
+    (``[crops]`` / ``TERRADAPT_CROPS__*``, its scenario in ``[crops.demo]``).
     """
     import torch
 
     from stream.config import QUICK_DEMO, Settings
     from stream.demo import run_demo
 
+    if task not in ("segmentation", "crops"):
+        raise typer.BadParameter(f"--task {task!r}; accepted: segmentation, crops")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     settings = _settings(config)
     assert isinstance(settings, Settings)
+    if task == "crops":
+        from stream.crops.cli import crop_demo
+
+        if dataset or arch:
+            raise typer.BadParameter("--dataset and --arch choose the segmentation demo; --task crops has its own")
+
+        crop_demo(settings.crops, quick=quick, metrics_port=metrics_port)
+        return
     update = dict(QUICK_DEMO) if quick else {}
     if dataset:
         update["dataset"] = dataset
@@ -142,8 +156,26 @@ def ingest(
     paths: Annotated[list[Path], typer.Argument(help="GeoTIFF files to ingest")],
     region: Annotated[str, typer.Option(help="region code, e.g. D033")],
     config: ConfigOption = None,
+    when: Annotated[
+        str | None, typer.Option("--datetime", help="capture time of every file (ISO 8601; no zone = UTC)")
+    ] = None,
+    datetimes: Annotated[Path | None, typer.Option(help="CSV of id,datetime rows (id = file name or stem)")] = None,
+    flair_metadata: Annotated[
+        Path | None, typer.Option(help="FLAIR aerial metadata JSON (else one beside the tiles is used)")
+    ] = None,
+    campaign_start: Annotated[str | None, typer.Option(help="campaign start, for files nothing dates")] = None,
+    campaign_end: Annotated[str | None, typer.Option(help="campaign end, for files nothing dates")] = None,
+    allow_undated: Annotated[
+        bool, typer.Option(help="publish files nothing dates or bounds anyway (datetime null: not valid STAC)")
+    ] = False,
 ) -> None:
     """Upload GeoTIFFs to MinIO and publish their STAC items on the acquisitions topic (key = region).
+
+    The capture time comes from the data: ``--datetime``, a ``--datetimes`` CSV row, FLAIR metadata, or the TIFF
+    datetime tag, in that order. A file none of them dates is published with ``datetime: null`` and the campaign's
+    interval (``--campaign-start``/``--campaign-end``); without a campaign it is left unpublished (reason
+    ``unknown_capture_time``) unless ``--allow-undated``: the time of ingest is never used, and STAC 1.1 requires
+    the interval when ``datetime`` is null.
 
     Outages of Kafka or MinIO are retried with backoff up to ``[ingest] deadline_s`` (``TERRADAPT_INGEST__*``).
     Re-running is safe: objects already stored with the same sha256 are not uploaded again and the same
@@ -158,6 +190,7 @@ def ingest(
 
     settings = _settings(config)
     assert isinstance(settings, Settings)
+    times = capture_times(when, datetimes, flair_metadata, campaign_start, campaign_end, require=not allow_undated)
     console = _console()
     # no call at construction: the bucket is created on the first upload, the producer on the first publish
     store = MinioStore(minio_client(settings.s3), settings.s3.bucket_acquisitions, create=False)
@@ -181,13 +214,54 @@ def ingest(
 
         try:
             report = run_ingest(
-                paths, region, store, publisher, topic, advanced, config=settings.ingest, on_retry=retrying
+                paths,
+                region,
+                store,
+                publisher,
+                topic,
+                advanced,
+                config=settings.ingest,
+                on_retry=retrying,
+                times=times,
             )
         finally:
             publisher.close()
     console.print(report.summary(), markup=False, highlight=False, soft_wrap=True)
+    undated = [
+        f.path.name
+        for f in report.published
+        if f.acquisition and f.acquisition.acquired is None and (times.campaign_start is None or not times.campaign_end)
+    ]
+    if undated:
+        console.print(f"published undated (--allow-undated, no campaign): {len(undated)} files", markup=False)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def catalog(
+    region: Annotated[str, typer.Option(help="region code, e.g. D033")],
+    config: ConfigOption = None,
+) -> None:
+    """Write a static STAC catalog of a region's predictions (with their imagery and model items) to MinIO.
+
+    The catalog lands in the predictions bucket under ``catalog/<region>/catalog.json``, with relative links only:
+    serve the bucket to a STAC browser or open it with QGIS' STAC plugin.
+    """
+    from serving.catalog import write_catalog
+    from serving.minio_store import MinioStore, minio_client
+    from serving.registry import ModelRegistry
+    from stream.config import Settings
+
+    settings = _settings(config)
+    assert isinstance(settings, Settings)
+    client = minio_client(settings.s3)
+    registry = ModelRegistry(MinioStore(client, settings.s3.bucket_models, create=False))
+    summary = write_catalog(MinioStore(client, settings.s3.bucket_predictions, create=False), registry, region)
+    _console().print(
+        f"catalog {summary.href}: {summary.predictions} predictions, {summary.acquisitions} acquisitions, "
+        f"{summary.models} model versions"
+    )
 
 
 @app.command()

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from adapters.config import AdaptationConfig
 from adapters.trigger import TriggerConfig
 from monitoring.monitor import MonitorConfig
+from stream.crops.config import CropLoopConfig
 from terradapt.settings import KafkaConfig, RuntimeConfig, S3Config, StrictModel, TorchServeConfig, read_toml
 
 ENV_PREFIX = "TERRADAPT_"
@@ -165,6 +166,7 @@ class Settings(BaseSettings):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    crops: CropLoopConfig = Field(default_factory=CropLoopConfig)
 
     @classmethod
     def settings_customise_sources(

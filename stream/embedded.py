@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +62,7 @@ class TileLog:
     thresholds: dict[str, float]
     fired: tuple[str, ...]
     p_value: float = 1.0
+    acquired: datetime | None = None  # capture time of the tile (plots against acquisition time)
 
 
 @dataclass
@@ -105,6 +107,7 @@ class RunRecorder(NullObserver):
             dict(update.thresholds),
             update.fired,
             update.p_value,
+            prediction.acquired,
         )
         self.result.tiles.append(log)
         if self.on_tile is not None:

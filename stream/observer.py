@@ -107,7 +107,12 @@ class MetricsObserver(NullObserver):
 
     def monitored(self, prediction: TilePrediction, update: MonitorUpdate) -> None:
         self.metrics.observe_drift(
-            prediction.region, update.scores, update.thresholds, update.fired, newly_detected=update.newly_detected
+            prediction.region,
+            update.scores,
+            update.thresholds,
+            update.fired,
+            newly_detected=update.newly_detected,
+            acquired=prediction.acquired,
         )
 
     def adapted(self, region: str, method: str, outcome: AdaptationOutcome, seconds: float) -> None:

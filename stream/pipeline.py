@@ -45,6 +45,7 @@ from serving.predictor import Predictor, TileOutput
 from serving.registry import SOURCE, ModelRegistry
 from serving.rollout import Deployer, RolloutContext
 from serving.store import BlobStore, TileReader
+from stream.job_tiles import job_tiles, labelled_tiles
 from stream.labels import keep_label
 from stream.observer import NullObserver, PipelineObserver, timed
 from stream.outcome import (
@@ -142,7 +143,16 @@ class Pipeline:
             acq, raster = ready[i]
             try:
                 output, latency = outputs[i]
-                prediction = store_prediction(acq, raster, output, latency, self.predictions, self.observer)
+                prediction = store_prediction(
+                    acq,
+                    raster,
+                    output,
+                    latency,
+                    self.predictions,
+                    self.observer,
+                    self.class_names,
+                    self.registry.stac_item_uri,
+                )
                 region_state = self.load_state(states.get(key, stored))
                 observed = self._observe(acq, prediction, output, region_state)
             except Exception as exc:
@@ -331,8 +341,8 @@ class Pipeline:
         if done is None and job.base_version != current:
             log.info("job %s is stale: base v%s, region now serves v%s", job.job_id, job.base_version, current)
             return Outcome()
-        tiles = informative_tiles(self._job_tiles(job), self.adaptation.gate.tile_quality)
-        labelled = self._labelled_tiles(job)
+        tiles = informative_tiles(job_tiles(job, self.reader, self.spec), self.adaptation.gate.tile_quality)
+        labelled = labelled_tiles(job, self.labels, self.spec)
         if not tiles and not labelled:
             return self._dead(
                 "adaptation_jobs",
@@ -421,26 +431,6 @@ class Pipeline:
             job, tiles, source, manifest, confusion, self.adaptation.device, selector=self.selector, method=method
         )
 
-    def _labelled_tiles(self, job: AdaptationJob) -> list[BufferedTile]:
-        """A few-shot job's labelled tiles from the label store (none for a label-free job)."""
-        if not job.labels:
-            return []
-        if self.labels is None:
-            raise InvalidPayloadError(f"job {job.job_id} names labelled tiles, but this pipeline has no label store")
-        return self.labels.load(job.region, job.labels, self.spec)
-
-    def _job_tiles(self, job: AdaptationJob) -> list[BufferedTile]:
-        """The job's tiles read back from object storage; unreadable ones (expired, corrupt) are skipped."""
-        tiles = []
-        for tile_id, href in zip(job.tile_ids, job.tile_hrefs, strict=False):
-            try:
-                raster = read_raster(self.reader.get(href), self.spec)
-            except TerradaptError as exc:
-                log.warning("job %s: tile %s unusable (%s)", job.job_id, tile_id, exc)
-                continue
-            tiles.append(BufferedTile(tile_id, raster.data.astype(np.uint8), href=href))
-        return tiles
-
     def _deploy(self, version: ModelVersion, context: RolloutContext) -> list[Outgoing]:
         event = self.deployer.rollout(version.region, version.version, context)
         self.observer.rolled_out(event)
@@ -448,9 +438,14 @@ class Pipeline:
 
     # == delayed labels ============================================================================================
     @functools.cached_property
+    def class_names(self) -> tuple[str, ...]:
+        """Classes of the source model (every version has the same): the legend of every prediction COG."""
+        return self.registry.manifest(SOURCE, 0).classes
+
+    @property
     def num_classes(self) -> int:
-        """Classes of the source model (every version has the same)."""
-        return len(self.registry.manifest(SOURCE, 0).classes)
+        """How many classes the models predict."""
+        return len(self.class_names)
 
     def process_label(self, payload: bytes, key: str | None, state: bytes | None) -> Outcome:
         """Join one delayed label with the stored prediction of its acquisition; ``state`` is the region's tracker.

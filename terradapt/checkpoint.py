@@ -72,6 +72,30 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def verify_sha256(data: bytes, expected: str, what: str) -> None:
+    """Check weights bytes against the sha256 their manifest records (every load of every task does).
+
+    Raises:
+        ChecksumMismatchError: the bytes hash to something else (``what`` names them in the message).
+
+    """
+    actual = sha256_hex(data)
+    if actual != expected:
+        raise ChecksumMismatchError(what, expected, actual)
+
+
+def write_version_files(directory: Path, weights: bytes, manifest_json: bytes) -> None:
+    """Write weights, then the manifest (last: it marks the version complete), each atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_FILE, weights)
+    _atomic_write(directory / MANIFEST_FILE, manifest_json)
+
+
+def read_version_files(directory: Path) -> tuple[bytes, bytes]:
+    """(weights bytes, manifest JSON bytes) of a checkpoint directory, unverified (``decode`` checks them)."""
+    return (directory / WEIGHTS_FILE).read_bytes(), (directory / MANIFEST_FILE).read_bytes()
+
+
 def weights_to_bytes(model: torch.nn.Module) -> bytes:
     """Serialize a model's state dict as safetensors bytes (tensors made contiguous, on CPU)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -105,9 +129,7 @@ def decode(
 ) -> tuple[SegmentationModel, ModelManifest]:
     """Verify the sha256, rebuild the architecture, load the weights (strict) and the manifest's data."""
     manifest = ModelManifest.model_validate_json(manifest_json)
-    actual = sha256_hex(weights)
-    if actual != manifest.sha256:
-        raise ChecksumMismatchError(what, manifest.sha256, actual)
+    verify_sha256(weights, manifest.sha256, what)
     model = build_model(manifest.architecture, dict(manifest.config))
     state = st_load(weights)
     if manifest.format_version == 1:  # buffers in the weights, the U-Net's layers at the top level
@@ -130,20 +152,14 @@ def apply_manifest_data(model: SegmentationModel, manifest: ModelManifest) -> No
 
 def save_checkpoint(directory: Path, model: SegmentationModel, manifest: ModelManifest) -> ModelManifest:
     """Write weights then manifest into ``directory`` (manifest last: it marks the version complete)."""
-    directory.mkdir(parents=True, exist_ok=True)
     weights, manifest_json = encode(model, manifest)
-    _atomic_write(directory / WEIGHTS_FILE, weights)
-    _atomic_write(directory / MANIFEST_FILE, manifest_json)
+    write_version_files(directory, weights, manifest_json)
     return ModelManifest.model_validate_json(manifest_json)
 
 
 def load_checkpoint(directory: Path) -> tuple[SegmentationModel, ModelManifest]:
     """Load and verify a checkpoint directory."""
-    return decode(
-        (directory / WEIGHTS_FILE).read_bytes(),
-        (directory / MANIFEST_FILE).read_bytes(),
-        what=str(directory / WEIGHTS_FILE),
-    )
+    return decode(*read_version_files(directory), what=str(directory / WEIGHTS_FILE))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

@@ -25,6 +25,23 @@ FLAIR_CLASSES: tuple[str, ...] = (
     "other",
 )
 
+#: FLAIR-1's colour of each of the 13 classes (the dataset's legend; "other" is raw label 19's black).
+FLAIR_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0xDB, 0x0E, 0x9A),  # building
+    (0x93, 0x8E, 0x7B),  # pervious surface
+    (0xF8, 0x0C, 0x00),  # impervious surface
+    (0xA9, 0x71, 0x01),  # bare soil
+    (0x15, 0x53, 0xAE),  # water
+    (0x19, 0x4A, 0x26),  # coniferous
+    (0x46, 0xE4, 0x83),  # deciduous
+    (0xF3, 0xA6, 0x0D),  # brushwood
+    (0x66, 0x00, 0x82),  # vineyard
+    (0x55, 0xFF, 0x00),  # herbaceous vegetation
+    (0xFF, 0xF3, 0x0D),  # agricultural land
+    (0xE4, 0xDF, 0x7C),  # plowed land
+    (0x00, 0x00, 0x00),  # other
+)
+
 #: Raw FLAIR mask values 1..19 (0 and >19 are invalid and become IGNORE_INDEX).
 FLAIR_RAW_LABELS: tuple[str, ...] = (
     "building",

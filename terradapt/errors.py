@@ -6,7 +6,7 @@ operator reading a dead-letter record knows what to fix without opening the code
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class TerradaptError(Exception):
@@ -16,10 +16,15 @@ class TerradaptError(Exception):
     reason: str = "error"
 
 
-class InvalidTileError(TerradaptError, ValueError):
-    """A raster does not satisfy the input contract (bands, dtype, CRS, size, nodata...)."""
+class _InputContractError(Exception):
+    """Mixin of the input-contract errors: the field, the value seen and what is accepted, in one message.
 
-    reason = "invalid_tile"
+    Not a ``TerradaptError`` itself (it has no dead-letter reason of its own): each input's error class names
+    its ``subject`` and default ``reason``; ``reason=`` narrows it to one of that error's bounded set.
+    """
+
+    subject: ClassVar[str]
+    reason: str
 
     def __init__(self, field: str, value: Any, accepted: str, *, reason: str | None = None) -> None:
         self.field = field
@@ -27,7 +32,14 @@ class InvalidTileError(TerradaptError, ValueError):
         self.accepted = accepted
         if reason is not None:
             self.reason = reason
-        super().__init__(f"invalid tile: {field}={value!r}; accepted: {accepted}")
+        super().__init__(f"invalid {self.subject}: {field}={value!r}; accepted: {accepted}")
+
+
+class InvalidTileError(_InputContractError, TerradaptError, ValueError):
+    """A raster does not satisfy the input contract (bands, dtype, CRS, size, nodata...)."""
+
+    reason = "invalid_tile"
+    subject = "tile"
 
 
 class CorruptTileError(InvalidTileError):
@@ -117,3 +129,20 @@ class UnknownNameError(TerradaptError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message otherwise
         return str(self.args[0])
+
+
+class InvalidSeriesError(_InputContractError, TerradaptError, ValueError):
+    """A parcel or patch time series does not satisfy the input contract (dates, bands, shape, NaN share).
+
+    ``reason`` is one of a bounded set: ``dates_not_increasing``, ``wrong_band_count``, ``nan_share``,
+    ``invalid_series`` (anything else: shape, dtype, size, cloud mask).
+    """
+
+    reason = "invalid_series"
+    subject = "series"
+
+
+class UnknownCaptureTimeError(TerradaptError, ValueError):
+    """Nothing dates a tile and no campaign bounds it (``terradapt ingest`` does not invent a capture time)."""
+
+    reason = "unknown_capture_time"

@@ -316,6 +316,7 @@ def write_cog(
     *,
     blocksize: int = 256,
     tags: dict[str, str] | None = None,
+    colormap: dict[int, tuple[int, int, int, int]] | None = None,
 ) -> bytes:
     """Encode a class map as a Cloud-Optimized GeoTIFF.
 
@@ -330,6 +331,7 @@ def write_cog(
         path: Also write the bytes there when given.
         blocksize: Internal tile size; overviews are built until the image fits in one block.
         tags: Dataset metadata kept in the file (e.g. which model version made the prediction).
+        colormap: Colour table of band 1 (value -> RGBA), e.g. ``terradapt.legend.Legend.colormap()``.
 
     Returns:
         The encoded COG bytes.
@@ -357,6 +359,8 @@ def write_cog(
             dst.write(class_map.astype(np.uint8, copy=False), 1)
             if tags:
                 dst.update_tags(**tags)
+            if colormap:
+                dst.write_colormap(1, colormap)
         encoded = bytes(memfile.read())
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

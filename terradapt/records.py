@@ -18,11 +18,22 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 import pystac
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, FiniteFloat, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+)
 
 from terradapt.errors import InvalidPayloadError
+from terradapt.stac import eo_band, footprint, is_authority_code, multihash_sha256, sha256_from_checksum
 
-SCHEMA_VERSION = 1
+#: 2: acquisition items with WGS84 geometry/bbox, projection extension, multihash checksum, nullable datetime
+SCHEMA_VERSION = 2
 
 #: FLAIR-style departement codes (D001..D095, D02A, D02B) or dataset areas such as "dubai-3" / "synth-1".
 REGION_PATTERN = re.compile(r"^(D0[0-9]{2}|D02[AB]|[a-z]+-[0-9]+)$")
@@ -31,6 +42,7 @@ REGION_PATTERN = re.compile(r"^(D0[0-9]{2}|D02[AB]|[a-z]+-[0-9]+)$")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+@-]{0,199}$")
 
 _STAC_EXTENSION_PREFIX = "terradapt:"
+_DateTime = datetime  # the type, for annotations after a field named ``datetime``
 
 
 def utcnow() -> datetime:
@@ -96,6 +108,33 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+W = TypeVar("W", bound=BaseModel)
+
+
+def parse_stac_item(item: pystac.Item | dict[str, Any] | bytes | str, wire: type[W], kind: str = "STAC Item") -> W:
+    """Read a STAC Item (object, dict or JSON) into the ``wire`` model of the fields a record reads.
+
+    Any payload ends as a ``wire`` model or an InvalidPayloadError naming the field, whatever its shape.
+
+    Raises:
+        InvalidPayloadError: not JSON, not a JSON object, or not a ``kind`` (``wire`` refuses it).
+
+    """
+    try:
+        if isinstance(item, pystac.Item):
+            item = item.to_dict(include_self_link=False)
+        elif isinstance(item, (bytes, str)):
+            item = json.loads(item)
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or nested past the parser's stack
+        raise InvalidPayloadError(f"payload is not a STAC Item: not JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(item, dict):
+        raise InvalidPayloadError(f"payload is not a STAC Item: expected a JSON object, got {type(item).__name__}")
+    try:
+        return wire.model_validate(item)
+    except ValidationError as exc:
+        raise InvalidPayloadError(f"payload is not a {kind}: {_errors(exc)}") from exc
+
+
 def parse_record(cls: type[R], payload: bytes | str | dict[str, Any]) -> R:
     """Parse a payload into a record, raising InvalidPayloadError with the reason on any problem."""
     try:
@@ -121,9 +160,14 @@ class _StacAsset(BaseModel):
 class _StacProperties(BaseModel):
     region: str = Field(alias="terradapt:region")  # _STAC_EXTENSION_PREFIX
     schema_version: int = Field(default=SCHEMA_VERSION, alias="terradapt:schema_version")
-    moment: datetime | None = Field(default=None, alias="datetime")
+    moment: datetime | None = Field(alias="datetime")  # STAC: always present, null when unknown
     start: datetime | None = Field(default=None, alias="start_datetime")
+    end: datetime | None = Field(default=None, alias="end_datetime")
     proj_code: str | None = Field(default=None, alias="proj:code")
+    proj_wkt2: str | None = Field(default=None, alias="proj:wkt2")
+    proj_bbox: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat] | None = Field(default=None, alias="proj:bbox")
+    proj_shape: tuple[PositiveInt, PositiveInt] | None = Field(default=None, alias="proj:shape")
+    proj_transform: list[FiniteFloat] | None = Field(default=None, alias="proj:transform", min_length=6, max_length=9)
     constellation: str = "aerial-vhr"
 
 
@@ -132,51 +176,92 @@ class _StacItem(BaseModel):
 
     type: Literal["Feature"]
     id: str
-    bbox: list[float] | None = None
+    bbox: list[FiniteFloat] | None = None
     properties: _StacProperties
     assets: dict[str, _StacAsset]
 
 
+def _utc(value: _DateTime | None) -> _DateTime | None:
+    """A datetime without a zone is taken as UTC (RFC 3339 requires one)."""
+    return value if value is None or value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 class Acquisition(Record):
-    """One newly acquired tile: a STAC Item whose single data asset is a GeoTIFF in storage."""
+    """One newly acquired tile: a STAC Item whose single data asset is a GeoTIFF in storage.
+
+    ``datetime`` is the capture time, None when the data does not tell it (never the time of ingest); then
+    ``start_datetime``/``end_datetime`` bound it when the campaign is known. ``bbox``, ``shape`` (rows, columns)
+    and ``transform`` (affine a, b, c, d, e, f) describe the tile's grid in its own ``crs``.
+    """
 
     id: ObjectId
     region: str
-    datetime: datetime
+    datetime: datetime | None
     bbox: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat]
     crs: str | None = "EPSG:2154"
     sensor: str = "aerial-vhr"
     bands: tuple[str, ...] = ("red", "green", "blue", "nir", "elevation")
     href: str = Field(min_length=1)
     sha256: str | None = None
+    start_datetime: _DateTime | None = None
+    end_datetime: _DateTime | None = None
+    shape: tuple[PositiveInt, PositiveInt] | None = None
+    transform: tuple[FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat, FiniteFloat] | None = None
 
     @field_validator("region")
     @classmethod
     def _valid_region(cls, value: str) -> str:
         return check_region(value)
 
+    @property
+    def acquired(self) -> _DateTime | None:
+        """The capture time, else the campaign start, else None (what plots of drift against time use)."""
+        return self.datetime or self.start_datetime
+
     def to_stac(self) -> pystac.Item:
-        """Build the STAC Item (bbox in the tile CRS is kept as a property; geometry in that CRS)."""
-        x0, y0, x1, y1 = self.bbox
-        geometry = {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}
+        """Build the STAC 1.1 Item: WGS84 geometry and bbox, the tile grid in the projection extension.
+
+        Extensions used (and listed in ``stac_extensions``): projection, eo (band names on the data asset), file
+        (``file:checksum`` as a sha2-256 multihash) when the checksum is known. The pipeline's own fields are the
+        ``terradapt:`` properties. A footprint that cannot be reprojected (no or unknown CRS) is a null geometry.
+        """
+        from pystac.extensions.eo import Band, EOExtension
+        from pystac.extensions.file import FileExtension
+        from pystac.extensions.projection import ProjectionExtension
+
+        geometry, lonlat = footprint(self.bbox, self.crs)
+        unknown = self.datetime is None and (self.start_datetime is None or self.end_datetime is None)
         item = pystac.Item(
             id=self.id,
             geometry=geometry,
-            bbox=list(self.bbox),
-            datetime=self.datetime,
+            bbox=list(lonlat) if lonlat else None,
+            datetime=utcnow() if unknown else self.datetime,  # replaced by null below: pystac refuses no time
+            start_datetime=self.start_datetime if self.datetime is None else None,
+            end_datetime=self.end_datetime if self.datetime is None else None,
             properties={
                 f"{_STAC_EXTENSION_PREFIX}region": self.region,
-                f"{_STAC_EXTENSION_PREFIX}schema_version": self.schema_version,
-                "proj:code": self.crs,
+                f"{_STAC_EXTENSION_PREFIX}schema_version": SCHEMA_VERSION,
                 "constellation": self.sensor,
             },
         )
-        extra: dict[str, Any] = {"eo:bands": [{"name": b} for b in self.bands]}
-        if self.sha256:
-            extra["file:checksum"] = self.sha256
-        asset = pystac.Asset(href=self.href, media_type=pystac.MediaType.GEOTIFF, roles=["data"], extra_fields=extra)
-        asset.href = self.href  # pystac turns backslashes into slashes: the wire carries the href as given
+        if unknown:
+            item.datetime = None
+        proj = ProjectionExtension.ext(item, add_if_missing=True)
+        proj.apply(
+            code=self.crs if self.crs and is_authority_code(self.crs) else None,
+            wkt2=self.crs if self.crs and not is_authority_code(self.crs) else None,
+            bbox=list(self.bbox),
+            shape=list(self.shape) if self.shape else None,
+            transform=list(self.transform) if self.transform else None,
+        )
+        if self.crs is None:
+            item.properties["proj:code"] = None  # the projection extension's "no CRS"
+        asset = pystac.Asset(href=self.href, media_type=pystac.MediaType.GEOTIFF, roles=["data"])
         item.add_asset("data", asset)
+        EOExtension.ext(asset, add_if_missing=True).apply(bands=[Band(eo_band(b)) for b in self.bands])
+        if self.sha256:
+            FileExtension.ext(asset, add_if_missing=True).apply(checksum=multihash_sha256(self.sha256))
+        asset.href = self.href  # pystac turns backslashes into slashes: the wire carries the href as given
         return item
 
     def to_json(self) -> bytes:
@@ -189,41 +274,33 @@ class Acquisition(Record):
 
         The JSON is checked against the fields an acquisition reads (``_StacItem``) before anything is built from
         it, so any payload ends as an acquisition or an InvalidPayloadError naming the field, whatever its shape.
-        A datetime without a zone is taken as UTC (RFC 3339 requires one); a null datetime falls back to the
-        Item's ``start_datetime``.
+        A datetime without a zone is taken as UTC (RFC 3339 requires one). The tile's own bbox is ``proj:bbox``;
+        items of schema version 1 (bbox and geometry in the tile CRS, bare sha256 checksum) still parse.
         """
-        try:
-            if isinstance(item, pystac.Item):
-                item = item.to_dict(include_self_link=False)
-            elif isinstance(item, (bytes, str)):
-                item = json.loads(item)
-        except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or nested past the parser's stack
-            raise InvalidPayloadError(f"payload is not a STAC Item: not JSON ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(item, dict):
-            raise InvalidPayloadError(f"payload is not a STAC Item: expected a JSON object, got {type(item).__name__}")
-        try:
-            wire = _StacItem.model_validate(item)
-        except ValidationError as exc:
-            raise InvalidPayloadError(f"payload is not a STAC Item: {_errors(exc)}") from exc
+        wire = parse_stac_item(item, _StacItem)
         asset = wire.assets.get("data")
         if asset is None:
             raise InvalidPayloadError(f"STAC Item has no 'data' asset (assets: {sorted(wire.assets)[:5]})")
         props = wire.properties
-        when = props.moment or props.start
-        if when is None:
-            raise InvalidPayloadError("STAC Item has neither 'datetime' nor 'start_datetime' in its properties")
+        native = props.proj_bbox or (tuple(wire.bbox) if wire.bbox and props.schema_version < 2 else None)
+        if native is None and props.schema_version >= 2:
+            raise InvalidPayloadError("STAC Item has no 'proj:bbox' (the tile's bbox in its own CRS)")
         try:
             return cls(
                 schema_version=props.schema_version,
                 id=wire.id,
                 region=props.region,
-                datetime=when if when.tzinfo is not None else when.replace(tzinfo=UTC),
-                bbox=tuple(wire.bbox or (0.0, 0.0, 0.0, 0.0)),  # type: ignore[arg-type]
-                crs=props.proj_code,
+                datetime=_utc(props.moment),
+                start_datetime=_utc(props.start),
+                end_datetime=_utc(props.end),
+                bbox=native or (0.0, 0.0, 0.0, 0.0),  # type: ignore[arg-type]
+                crs=props.proj_code or props.proj_wkt2,
                 sensor=props.constellation,
                 bands=tuple(b.name for b in asset.bands),
                 href=asset.href,
-                sha256=asset.checksum,
+                sha256=sha256_from_checksum(asset.checksum) if asset.checksum else None,
+                shape=props.proj_shape,
+                transform=tuple(props.proj_transform[:6]) if props.proj_transform else None,  # type: ignore[arg-type]
             )
         except ValidationError as exc:
             raise InvalidPayloadError(f"STAC Item is not a valid acquisition: {_errors(exc)}") from exc
@@ -236,6 +313,7 @@ class TilePrediction(Record):
     region: str
     model_version: int
     href: str | None = None  # prediction COG in storage, when stored
+    acquired: datetime | None = None  # the acquisition's capture time (or campaign start), None when unknown
     class_shares: tuple[float, ...]
     mean_entropy: float
     latency_s: float

@@ -119,6 +119,12 @@ class RuntimeConfig(StrictModel):
     overlap: int = Field(default=32, ge=0)
     batch_size: int = Field(default=4, ge=1)
     seed: int = 0
+    torch_threads: int = Field(
+        default=0,
+        ge=0,
+        description="torch intra-op threads of a process (0 = torch's default, one per core); one stream worker per "
+        "core wants 1, so that workers do not fight over the cores",
+    )
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -188,13 +189,20 @@ def _legend() -> str:
     return '<div class="legend"><b>drift score / threshold</b>' + "".join(items) + "</div>"
 
 
-def render_timeline(rs: RegionState, width: int = 560, height: int = 130) -> str:
-    """One region's drift ratio per tile (symlog), threshold line, first detection and rollouts marked."""
+def render_timeline(rs: RegionState, width: int = 560, height: int = 130, *, by_time: bool = False) -> str:
+    """One region's drift ratio per tile (symlog), threshold line, first detection and rollouts marked.
+
+    The x axis is the tile order, or with ``by_time`` the tiles' acquisition (capture) time: tiles without one
+    are left out, and the others are drawn in capture order, which may differ from their arrival order.
+    """
     pad_l, pad_r, pad_t, pad_b = 34, 8, 8, 20
-    pts = rs.timeline
+    pts = [p for p in rs.timeline if p.acquired is not None] if by_time else rs.timeline
     if not pts:
-        return f'<svg class="timeline" viewBox="0 0 {width} {height}"><text x="40" y="60">no tiles yet</text></svg>'
-    x0, x1 = pts[0].index, max(pts[-1].index, pts[0].index + 1)
+        what = "no dated tiles yet" if by_time else "no tiles yet"
+        return f'<svg class="timeline" viewBox="0 0 {width} {height}"><text x="40" y="60">{what}</text></svg>'
+    at = {p.index: p.acquired.timestamp() if by_time and p.acquired else float(p.index) for p in pts}
+    pts = sorted(pts, key=lambda p: at[p.index])
+    x0, x1 = min(at.values()), max(max(at.values()), min(at.values()) + 1)
     ymax = max(2.0, max(_symlog(p.ratio) for p in pts) * 1.05)
 
     def sx(i: float) -> float:
@@ -217,29 +225,30 @@ def render_timeline(rs: RegionState, width: int = 560, height: int = 130) -> str
             y = sy(tick)
             out.append(f'<text class="tick" x="{pad_l - 4}" y="{y + 3:.1f}" text-anchor="end">{tick}</text>')
     for i in sorted({x0, x1, (x0 + x1) // 2}):
-        out.append(f'<text class="tick" x="{sx(i):.1f}" y="{height - 6}" text-anchor="middle">{i}</text>')
-    if rs.first_detection is not None and x0 <= rs.first_detection <= x1:
-        x = sx(rs.first_detection)
+        label = datetime.fromtimestamp(i, UTC).strftime("%Y-%m-%d") if by_time else str(int(i))
+        out.append(f'<text class="tick" x="{sx(i):.1f}" y="{height - 6}" text-anchor="middle">{label}</text>')
+    if rs.first_detection is not None and rs.first_detection in at:
+        x = sx(at[rs.first_detection])
         out.append(
             f'<line class="detect" x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t}" y2="{height - pad_b}" '
             'stroke="#f28e2b" stroke-width="2"/>'
         )
         out.append(f'<text class="mark" x="{x + 3:.1f}" y="{pad_t + 10}" fill="#b35c00">drift</text>')
     for mark in rs.rollouts:
-        if mark.index is None:
+        if mark.index is None or mark.index not in at:
             continue
-        x = sx(mark.index)
+        x = sx(at[mark.index])
         colour = "#2ca02c" if mark.step == RolloutStep.PROMOTED.value else "#7b3294"
         out.append(
             f'<line class="rollout" x1="{x:.1f}" x2="{x:.1f}" y1="{pad_t}" y2="{height - pad_b}" '
             f'stroke="{colour}" stroke-width="2"/>'
         )
         out.append(f'<text class="mark" x="{x + 3:.1f}" y="{pad_t + 22}" fill="{colour}">v{mark.version}</text>')
-    line = " ".join(f"{sx(p.index):.1f},{sy(p.ratio):.1f}" for p in pts)
+    line = " ".join(f"{sx(at[p.index]):.1f},{sy(p.ratio):.1f}" for p in pts)
     out.append(f'<polyline points="{line}" fill="none" stroke="#1f77b4" stroke-width="1.6"/>')
     for p in pts:
         if p.fired:
-            out.append(f'<circle cx="{sx(p.index):.1f}" cy="{sy(p.ratio):.1f}" r="2.2" fill="#d73027"/>')
+            out.append(f'<circle cx="{sx(at[p.index]):.1f}" cy="{sy(p.ratio):.1f}" r="2.2" fill="#d73027"/>')
     out.append("</svg>")
     return "".join(out)
 
@@ -259,8 +268,12 @@ def render_page(
     state_path: Path,
     error: str | None = None,
     map_problem: str | None = None,
+    by_time: bool = False,
 ) -> str:
-    """The whole page (server-side rendered: it works without JavaScript; the script only reloads it)."""
+    """The whole page (server-side rendered: it works without JavaScript; the script only reloads it).
+
+    ``by_time`` plots the drift timelines against acquisition time instead of tile order (``/?x=acquired``).
+    """
     title = state.title if state else "terradapt"
     regions = list(state.regions.values()) if state else []
     names = dmap.names if dmap else {}
@@ -329,12 +342,18 @@ def render_page(
 
     timelines = "".join(
         f'<div class="tl"><h3>{_e(r.region)} <small>{_e(names.get(region_to_insee(r.region) or "", ""))} '
-        f"{_e(r.shift or '')}</small></h3>{render_timeline(r)}</div>"
+        f"{_e(r.shift or '')}</small></h3>{render_timeline(r, by_time=by_time)}</div>"
         for r in regions
     )
     body.append(
         '<section class="card"><h2>Drift over time <small>score / threshold per tile (symlog; red band = '
-        "alarm; orange = first detection; green = version rolled out)</small></h2>"
+        "alarm; orange = first detection; green = version rolled out); x: "
+        + (
+            '<a href="/">tile order</a> | <b>acquisition time</b>'
+            if by_time
+            else '<b>tile order</b> | <a href="/?x=acquired">acquisition time</a>'
+        )
+        + "</small></h2>"
         f'<div class="timelines">{timelines or "<p>no tiles yet</p>"}</div></section>'
     )
 

@@ -92,7 +92,14 @@ class DashboardApp:
         route = path.split("?", 1)[0]
         if route == "/":
             state, error = self.load()
-            page = render_page(state, self._map, state_path=self.state_path, error=error, map_problem=self.map_problem)
+            page = render_page(
+                state,
+                self._map,
+                state_path=self.state_path,
+                error=error,
+                map_problem=self.map_problem,
+                by_time="x=acquired" in path.partition("?")[2].split("&"),
+            )
             return Response(200, "text/html; charset=utf-8", page.encode(), (("Content-Security-Policy", _CSP),))
         if route == "/api/state":
             state, error = self.load()

@@ -68,6 +68,7 @@ class TimelinePoint(StrictModel):
     ratio: float
     version: int
     fired: tuple[str, ...] = ()
+    acquired: datetime | None = None  # the tile's capture time, when its acquisition item tells it
 
 
 class SignalState(StrictModel):
@@ -244,7 +245,13 @@ def dashboard_state(
             first_detection=result.first_detection.get(region),
             signals=_signals(last),
             timeline=[
-                TimelinePoint(index=t.index, ratio=_finite(t.score_ratio), version=t.version, fired=tuple(t.fired))
+                TimelinePoint(
+                    index=t.index,
+                    ratio=_finite(t.score_ratio),
+                    version=t.version,
+                    fired=tuple(t.fired),
+                    acquired=getattr(t, "acquired", None),  # runners that know no capture time leave it out
+                )
                 for t in tiles[-TIMELINE_POINTS:]
             ],
             accuracy=[_version_accuracy(v, cm) for (r, v), cm in sorted(result.confusion.items()) if r == region],

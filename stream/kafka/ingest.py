@@ -22,7 +22,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
@@ -35,6 +35,8 @@ from serving.retrying import is_transient as store_transient
 from serving.store import BlobStore, ChecksummedStore
 from stream.config import IngestConfig
 from stream.kafka.security import client_options
+from terradapt.capture_time import CaptureTime, CaptureTimes, tiff_datetime
+from terradapt.errors import UnknownCaptureTimeError
 from terradapt.records import Acquisition, check_region
 from terradapt.settings import KafkaConfig
 
@@ -43,8 +45,19 @@ T = TypeVar("T")
 Stored = Literal["uploaded", "already-stored"]
 
 
-def _header(data: bytes) -> tuple[tuple[float, float, float, float], str | None, tuple[str, ...]]:
-    """Bounds, CRS and band names from the GeoTIFF header.
+@dataclass(frozen=True)
+class _Header:
+    """What the GeoTIFF header tells about a tile's grid."""
+
+    bbox: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+    crs: str | None = None
+    bands: tuple[str, ...] = ()
+    shape: tuple[int, int] | None = None
+    transform: tuple[float, float, float, float, float, float] | None = None
+
+
+def _header(data: bytes) -> _Header:
+    """Bounds, CRS, band names, shape and transform from the GeoTIFF header.
 
     Unreadable files still get ingested: the worker dead-letters them with the reason, so nothing disappears at
     the edge.
@@ -56,24 +69,44 @@ def _header(data: bytes) -> tuple[tuple[float, float, float, float], str | None,
         with MemoryFile(data) as mem, mem.open() as src:
             b = src.bounds
             names = tuple(d or f"band{i + 1}" for i, d in enumerate(src.descriptions))
-            return (b.left, b.bottom, b.right, b.top), (src.crs.to_string() if src.crs else None), names
+            t = src.transform
+            return _Header(
+                (b.left, b.bottom, b.right, b.top),
+                src.crs.to_string() if src.crs else None,
+                names,
+                (int(src.height), int(src.width)),
+                (t.a, t.b, t.c, t.d, t.e, t.f),
+            )
     except (RasterioError, ValueError):
-        return (0.0, 0.0, 0.0, 0.0), None, ()
+        return _Header()
 
 
-def acquisition_for(data: bytes, region: str, href: str, when: datetime | None = None) -> Acquisition:
-    """The STAC item of one file (id = region + content hash)."""
+def acquisition_for(data: bytes, region: str, href: str, when: datetime | CaptureTime | None = None) -> Acquisition:
+    """The STAC item of one file (id = region + content hash).
+
+    ``when`` is the capture time (or the campaign bounding an unknown one); by default the file's
+    ``TIFFTAG_DATETIME``, else unknown (``datetime`` None): never the time of ingest.
+    """
     sha = hashlib.sha256(data).hexdigest()
-    bbox, crs, bands = _header(data)
+    header = _header(data)
+    if when is None:
+        tagged = tiff_datetime(data)
+        when = CaptureTime(datetime=tagged, source="tiff-tag" if tagged else "unknown")
+    elif isinstance(when, datetime):
+        when = CaptureTime(datetime=when, source="option")
     return Acquisition(
         id=f"{region}-{sha[:20]}",
         region=region,
-        datetime=when or datetime.now(UTC),
-        bbox=bbox,
-        crs=crs,
-        bands=bands or ("red", "green", "blue", "nir", "elevation"),
+        datetime=when.datetime,
+        start_datetime=when.start if when.datetime is None else None,
+        end_datetime=when.end if when.datetime is None else None,
+        bbox=header.bbox,
+        crs=header.crs,
+        bands=header.bands or ("red", "green", "blue", "nir", "elevation"),
         href=href,
         sha256=sha,
+        shape=header.shape,
+        transform=header.transform,
     )
 
 
@@ -307,6 +340,7 @@ def ingest(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
+    times: CaptureTimes | None = None,
 ) -> IngestReport:
     """Upload every file (unless already stored) and publish its acquisition; report each file's outcome.
 
@@ -323,6 +357,8 @@ def ingest(
         clock: Monotonic seconds (injectable for tests).
         sleep: Sleeps the backoff (injectable for tests).
         rng: Jitter source (seed it for reproducible delays).
+        times: Where capture times come from (default: FLAIR metadata beside the tiles, else the TIFF tag, else
+            unknown); with ``times.require`` a file nothing dates is reported unpublished, not uploaded.
 
     Returns:
         The report; ``report.ok`` is False when a file stayed unpublished.
@@ -345,9 +381,10 @@ def ingest(
     )
     stores = _Retrier(dataclasses.replace(policy, service="store", transient=store_transient))
     kafka = _Retrier(dataclasses.replace(policy, service="kafka", transient=kafka_transient))
+    dating = times or CaptureTimes()
     results = []
     for path in paths:
-        result = _ingest_one(Path(path), region, store, pub, topic, stores, kafka)
+        result = _ingest_one(Path(path), region, store, pub, topic, stores, kafka, dating)
         results.append(result)
         if on_file is not None:
             on_file(result)
@@ -362,18 +399,22 @@ def _ingest_one(
     topic: str,
     stores: _Retrier,
     kafka: _Retrier,
+    times: CaptureTimes,
 ) -> FileResult:
     try:
         data = path.read_bytes()
+        when = times.resolve(path, data)
     except OSError as exc:
         return FileResult(path, None, None, False, f"unreadable: {exc}")
+    except (UnknownCaptureTimeError, ValueError) as exc:  # ValueError: a FLAIR metadata file that does not parse
+        return FileResult(path, None, None, False, str(exc))
     sha = hashlib.sha256(data).hexdigest()
     key = object_key(region, sha)
     try:
         stored = stores.call(f"upload {key}", lambda: _store_object(store, key, data, sha))
     except Exception as exc:  # any store failure is this file's outcome; the run goes on with the next file
         return FileResult(path, None, None, False, f"not uploaded: {_reason(exc)}")
-    acq = acquisition_for(data, region, store.uri(key))
+    acq = acquisition_for(data, region, store.uri(key), when)
     try:
         kafka.call(f"publish {acq.id}", lambda: publisher.publish(topic, region.encode(), acq.to_json()))
     except Exception as exc:  # idem: reported, and a re-run publishes it

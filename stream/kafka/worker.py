@@ -125,11 +125,14 @@ def create_app(services: Services) -> faust.App:
     """The faust app of the stream worker (no module-level app: each call builds a fresh one)."""
     settings = services.settings
     pipeline = services.pipeline
+    faust_dir = settings.runtime.workdir / "faust"
+    faust_dir.mkdir(parents=True, exist_ok=True)  # faust makes its app's folder in it, not the parents
     app = faust.App(
         f"{settings.stream.app_id}-worker",
         broker=f"kafka://{settings.kafka.bootstrap}",
         broker_credentials=faust_credentials(settings.kafka),
         store="memory://",
+        datadir=str(faust_dir / "{conf.name}"),  # not the working folder
         topic_partitions=settings.kafka.partitions,
         topic_allow_declare=True,
         topic_disable_leader=True,

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -104,7 +105,14 @@ def exercised_registry() -> CollectorRegistry:
     m.observe_stage("predict", 0.05)
     m.observe_dead_letter("corrupt_tile")
     m.observe_prediction("D013", 0, 0.7)
-    m.observe_drift("D013", {"radiometry": 2.0}, {"radiometry": 1.0}, ("radiometry",), newly_detected=True)
+    m.observe_drift(
+        "D013",
+        {"radiometry": 2.0},
+        {"radiometry": 1.0},
+        ("radiometry",),
+        newly_detected=True,
+        acquired=datetime(2021, 6, 14, tzinfo=UTC),
+    )
     m.observe_adaptation("D013", "bn", "accepted", 2.0)
     m.observe_rollout(RolloutEvent(region="D013", version=1, step=RolloutStep.PROMOTED, previous=0))
     m.observe_label("D013", "joined")

@@ -402,7 +402,7 @@ def cli(monkeypatch, tmp_path):
         failures["n"] = fail
         result = runner.invoke(
             app,
-            ["ingest", *map(str, paths), "--region", "D033"],
+            ["ingest", *map(str, paths), "--region", "D033", "--allow-undated"],  # the fakes carry no date
             env={f"TERRADAPT_{k}": v for k, v in env.items()},
         )
         assert made[-1].closed

@@ -327,3 +327,37 @@ def test_storage_retry_deadline_decides_how_long_an_outage_is_ridden_out(env):
     assert survives(env(), 60.0)  # default: two minutes
     assert not survives(env(STREAM__STORAGE_RETRY_S="10"), 60.0)
     assert survives(env(STREAM__STORAGE_RETRY_S="10"), 5.0)
+
+
+def test_runtime_workdir_holds_the_stream_workers_files(env, tmp_path, monkeypatch):
+    from prometheus_client import CollectorRegistry as Registry
+
+    from stream.kafka.services import Services
+    from stream.kafka.worker import create_app
+    from stream.topics import Topics
+
+    monkeypatch.chdir(tmp_path)  # faust's default would be "<app>-data" in the working folder
+
+    def app_for(settings):
+        services = Services(settings, None, Topics.with_prefix("t."), ServiceMetrics(Registry()))  # type: ignore[arg-type]
+        return create_app(services)
+
+    default = app_for(env())
+    assert default.conf.tabledir.resolve().is_relative_to((tmp_path / ".terradapt").resolve())
+    moved = app_for(env(RUNTIME__WORKDIR=str(tmp_path / "state")))
+    assert moved.conf.tabledir.resolve().is_relative_to((tmp_path / "state" / "faust").resolve())
+    assert moved.conf.name in str(moved.conf.tabledir)
+    assert (tmp_path / "state" / "faust").is_dir()  # faust creates only the app's own folder at start
+
+
+def test_runtime_torch_threads_sets_the_threads_a_pipeline_computes_with(env, world, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            make_rig(world, tmp_path / str(threads), env(RUNTIME__TORCH_THREADS=str(threads)))
+            assert torch.get_num_threads() == threads
+        torch.set_num_threads(3)
+        make_rig(world, tmp_path / "default", env())  # 0: left as it was
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -27,10 +27,19 @@ from stream.kafka.ingest import ingest, make_producer
 from stream.kafka.security import client_options
 from stream.kafka.topics import ensure_topics
 from stream.topics import Topics
+from terradapt.capture_time import CaptureTimes
 from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE, ModelManifest
 
 REQUIRED = ("TERRADAPT_KAFKA__BOOTSTRAP", "TERRADAPT_S3__ACCESS_KEY", "TERRADAPT_S3__SECRET_KEY")
 TERRADAPT = str(Path(sys.executable).with_name("terradapt"))
+#: the objects a worker writes per acquisition under ``<region>/<id>``: the COG, its GDAL category-name sidecar, the
+#: acquisition item it was made from, and the prediction's STAC item
+PREDICTION_FILES = (".tif", ".tif.aux.xml", ".acquisition.json", ".json")
+
+
+def prediction_keys(acqs: Iterable[Any]) -> list[str]:
+    """Every object key the predictions bucket must hold for ``acqs``: one set of prediction files each."""
+    return sorted(f"{a.region}/{a.id}{suffix}" for a in acqs for suffix in PREDICTION_FILES)
 
 
 def require_services() -> None:
@@ -160,9 +169,12 @@ class Stack:
             time.sleep(0.1)
 
     # -- data ------------------------------------------------------------------------------------------------
-    def ingest(self, paths: Iterable[Path], region: str) -> list[Any]:
-        """Upload + publish acquisitions like `terradapt ingest`; fail when one stayed unpublished."""
-        report = ingest(paths, region, self.acquisitions, self.producer, self.topics.acquisitions)
+    def ingest(self, paths: Iterable[Path], region: str, times: CaptureTimes | None = None) -> list[Any]:
+        """Upload + publish acquisitions like `terradapt ingest`; fail when one stayed unpublished.
+
+        ``times`` dates the tiles (the fakes carry no capture time: undated by default, as ``--allow-undated``).
+        """
+        report = ingest(paths, region, self.acquisitions, self.producer, self.topics.acquisitions, times=times)
         if not report.ok:
             raise RuntimeError(report.summary())
         return report.acquisitions

@@ -11,6 +11,7 @@ from affine import Affine
 from stream.kafka.ingest import acquisition_for
 from terradapt.raster import Raster, raster_to_geotiff_bytes
 from terradapt.records import AdaptationJob, DriftEvent
+from tests.stream.kafka.stack import prediction_keys
 
 pytestmark = pytest.mark.services
 
@@ -104,7 +105,7 @@ def test_stream_worker_sigkill_mid_stream_loses_nothing_and_duplicates_nothing(m
     assert {p["acquisition_id"] for p in preds} == ids
     # at-least-once: replays may publish a prediction twice, but each acquisition has exactly one object
     keys = stack.predictions.list("")
-    assert sorted(keys) == sorted(f"{a.region}/{a.id}.tif" for a in acqs)
+    assert keys == prediction_keys(acqs)
     # no version registered twice: one adapted version for the shifted region, none elsewhere
     stack.wait_for("model_versions", lambda m: len(m) >= 1, timeout_s=120)
     history = stack.registry.history("D013")

@@ -91,7 +91,7 @@ class IngestCommand:
     def __init__(self, paths: list[Path], env: dict[str, str], service: str = "kafka") -> None:
         self.service = service
         self.proc = subprocess.Popen(
-            [TERRADAPT, "ingest", *map(str, paths), "--region", REGION],
+            [TERRADAPT, "ingest", *map(str, paths), "--region", REGION, "--allow-undated"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

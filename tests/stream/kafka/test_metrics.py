@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime
 
 import pytest
 
+from terradapt.capture_time import CaptureTimes
 from terradapt.records import LabelRecord
 from tests.monitoring.test_prometheus import (
     PROM_DIR,
@@ -63,13 +65,14 @@ def test_prometheus_scrapes_the_kafka_workers_and_every_query_has_data(make_stac
     wait_for(lambda: prom.client.get("/-/ready").status_code == 200, 30, "prometheus ready", proc, log)
 
     d033, d013 = tiles["D033"][:12], tiles["D013"][:28]  # detection + 16 tiles since: one job
-    acqs = stack.ingest(d033, "D033") + stack.ingest(d013, "D013")
+    flown = CaptureTimes(fixed=datetime(2021, 6, 14, 10, 22, tzinfo=UTC))  # capture time: the acquisition-time panel
+    acqs = stack.ingest(d033, "D033", flown) + stack.ingest(d013, "D013", flown)
     stack.send_raw("D033", b"{not a stac item")  # one dead letter
     ids = {a.id for a in acqs}
     stack.wait_for("predictions", lambda m: {p["acquisition_id"] for p in m} >= ids, timeout_s=240)
     stack.wait_for("model_versions", lambda m: len(m) >= 1, timeout_s=120)
     # D013 tiles predicted by the adapted version, so its accuracy series exists too
-    late = stack.ingest(tiles["D013"][28:42], "D013")
+    late = stack.ingest(tiles["D013"][28:42], "D013", flown)
     stack.wait_for("predictions", lambda m: {p["acquisition_id"] for p in m} >= {a.id for a in late}, timeout_s=240)
 
     # delayed labels: every acquisition's FLAIR mask, published after the fact

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.stream.kafka.stack import prediction_keys
+
 pytestmark = pytest.mark.services
 
 
@@ -33,7 +35,7 @@ def test_two_regions_one_shifted_end_to_end(make_stack, tiles):
     # a prediction for every acquisition, and one prediction object per acquisition in MinIO
     assert {p["acquisition_id"] for p in preds} == ids
     keys = stack.predictions.list("")
-    assert sorted(keys) == sorted(f"{a.region}/{a.id}.tif" for a in acqs)
+    assert keys == prediction_keys(acqs)
 
     # drift only for the shifted region
     drift = stack.read("drift_events")
