@@ -85,6 +85,8 @@ bench: install bench-extras
 	$(PY) bench/adaptation.py
 	$(PY) bench/selection.py
 	$(PY) bench/stream.py
+	$(PY) bench/crops_tuning.py
+	$(PY) bench/crops.py
 
 clean:
 	rm -rf .terradapt report .pytest_cache .mypy_cache .ruff_cache

@@ -94,6 +94,7 @@ DEAD_LETTER_REASONS: Final = (
     "internal_error",
     "adaptation_failed",
     "no_tiles",
+    "insufficient_parcels",  # a crop adaptation job with too few readable series (stream.crops.steps)
     OTHER,
 )
 

@@ -87,6 +87,13 @@ class SeriesUpdate(SignalUpdate):
         ratios = [self.scores[s] / t for s, t in self.thresholds.items() if t > 0 and np.isfinite(t)]
         return max(ratios, default=0.0)
 
+    @property
+    def p_value(self) -> float:
+        """The region's p-value at this parcel: the smallest signal p-value, Bonferroni-corrected over signals."""
+        if not self.p_values:
+            return 1.0
+        return min(1.0, min(self.p_values.values()) * len(self.p_values))
+
 
 class SeriesMonitor:
     """The combined series monitor of one region: ``calibrate`` once, then ``update`` per parcel."""

@@ -12,8 +12,10 @@ from rich.table import Table
 
 from stream.cli_common import ConfigOption, _console, _settings, capture_times
 from stream.cli_models import adapt, evaluate, generate, import_model, registry_init, train
+from stream.crops.cli import crops_app
 
 app = typer.Typer(add_completion=False, help="terradapt: keep land-cover models accurate as they meet new regions.")
+app.add_typer(crops_app, name="crops")
 
 
 @app.command()

@@ -20,6 +20,10 @@ TopicName = Literal[
     "rollouts",
     "labels",
     "deadletter",
+    "crop_series",
+    "crop_predictions",
+    "crop_jobs",
+    "crop_labels",
 ]
 
 
@@ -36,6 +40,10 @@ class Topics:
     rollouts: str
     labels: str
     deadletter: str
+    crop_series: str  # crop mapping: parcel time series (``SeriesAcquisition``), the crop worker's input
+    crop_predictions: str  # one ``ParcelPrediction`` per parcel
+    crop_jobs: str  # ``CropAdaptationJob``: the crop adaptation worker's input
+    crop_labels: str  # delayed parcel labels (``ParcelLabel``)
 
     @classmethod
     def with_prefix(cls, prefix: str) -> Topics:

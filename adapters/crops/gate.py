@@ -4,7 +4,11 @@ Checks, each with its reason recorded when it fails (the result is the segmentat
 
 * ``class_collapse``: one class takes almost every parcel while the current model spreads over several (what
   entropy minimisation does when it goes wrong);
-* ``entropy_collapse``: the candidate's mean prediction entropy fell far below the current model's;
+* ``entropy_collapse``: the candidate's mean prediction entropy fell far below the current model's *and* its
+  predicted class mix narrowed (the entropy of the argmax class shares fell). Confidence alone is not collapse: a
+  repair of a very unsure current model is far more confident while it keeps telling the classes apart (its
+  class shares stay as diverse), and ``information_drop`` still refuses a candidate that is confident without
+  being informative;
 * ``information_drop``: the mutual information between parcels and predictions, ``H(mean p) - mean H(p)`` (the
   inception score's log), fell: a model that fits a region is confident *and* tells its parcels apart. It is the
   quantity the phenology method maximises over offsets, so it must be judged on parcels the candidate was not
@@ -50,10 +54,12 @@ def _outputs(model: CropModel, batches: Sequence[CropBatch]) -> tuple[torch.Tens
 def _summary(probs: torch.Tensor, entropy: torch.Tensor) -> dict[str, float]:
     mix = probs.mean(dim=0).clamp_min(1e-12)
     shares = torch.bincount(probs.argmax(dim=1), minlength=probs.shape[1]).float() / probs.shape[0]
+    nonzero = shares[shares > 0]
     return {
         "entropy": float(entropy.mean()),
         "information": float(-(mix * mix.log()).sum() - entropy.mean()),
         "max_class_share": float(shares.max()),
+        "share_entropy": float(-(nonzero * nonzero.log()).sum()),
     }
 
 
@@ -92,7 +98,8 @@ class CropGate:
         cfg = self.config
         if cand["max_class_share"] > cfg.max_class_share >= cur["max_class_share"]:
             reasons.append("class_collapse")
-        if cur["entropy"] > 0 and cand["entropy"] < cfg.min_entropy_ratio * cur["entropy"]:
+        confident = cur["entropy"] > 0 and cand["entropy"] < cfg.min_entropy_ratio * cur["entropy"]
+        if confident and cand["share_entropy"] < cur["share_entropy"]:
             reasons.append("entropy_collapse")
         if cand["information"] - cur["information"] < cfg.min_information_gain:
             reasons.append("information_drop")

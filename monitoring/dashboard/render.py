@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from monitoring.dashboard.colours import DRIFT_SCALE, NOT_MONITORED, drift_colour
+from monitoring.dashboard.countries import region_country, render_country_map
 from monitoring.dashboard.state import DashboardState, RegionState, region_to_insee
 from terradapt.records import RolloutStep
 
@@ -23,23 +25,6 @@ GEOJSON_ENV: Final = "TERRADAPT_DEPARTEMENTS_GEOJSON"
 #: Default boundaries: the shared data folder, relative to the project root.
 DEFAULT_GEOJSON: Final = Path("../shared/data/france_departements/departements-version-simplifiee.geojson")
 PROJECT_ROOT: Final = Path(__file__).resolve().parents[2]
-
-#: Drift colour scale on score / threshold (1 = the calibrated alarm line), from calm to far past the line.
-DRIFT_SCALE: Final[tuple[tuple[float, str, str], ...]] = (
-    (0.5, "#1a9850", "< 0.5"),
-    (0.8, "#91cf60", "0.5 - 0.8"),
-    (1.0, "#fee08b", "0.8 - 1 (close to threshold)"),
-    (2.0, "#fc8d59", "1 - 2 (alarm)"),
-    (math.inf, "#d73027", ">= 2 (strong drift)"),
-)
-NOT_MONITORED: Final = "#e0e0e0"
-
-
-def drift_colour(ratio: float | None) -> str:
-    """Fill colour of a region whose largest score / threshold is ``ratio`` (None: not monitored)."""
-    if ratio is None or math.isnan(ratio):
-        return NOT_MONITORED
-    return next(colour for upper, colour, _ in DRIFT_SCALE if ratio < upper)
 
 
 # -- map -------------------------------------------------------------------------------------------------------
@@ -330,11 +315,19 @@ def render_page(
         + ("".join(rows) or '<tr><td colspan="11">no regions yet</td></tr>')
         + "</tbody></table>"
     )
-    off_map = [r.region for r in regions if region_to_insee(r.region) is None]
-    off_map_note = f'<p class="note">Not departements (not on the map): {_e(", ".join(off_map))}</p>' if off_map else ""
+    off_map = [r.region for r in regions if region_to_insee(r.region) is None and region_country(r.region) is None]
+    off_map_note = f'<p class="note">On neither map: {_e(", ".join(off_map))}</p>' if off_map else ""
+    departements = any(region_to_insee(r.region) is not None for r in regions)
+    countries = render_country_map(state)
+    maps = ""
+    shown = departements or not countries  # the departement map (its boundaries' attribution goes in the footer)
+    if shown:
+        maps += "<h2>Drift now, by departement</h2>" + render_map(state, dmap, map_problem)
+    if countries:
+        maps += "<h2>Drift now, by country <small>(crop regions; tile-grid map)</small></h2>" + countries
     body.append(
-        '<section class="top"><div class="card mapcard"><h2>Drift now, by departement</h2>'
-        + render_map(state, dmap, map_problem)
+        '<section class="top"><div class="card mapcard">'
+        + maps
         + _legend()
         + off_map_note
         + f'</div><div class="card"><h2>Regions</h2>{table}</div></section>'
@@ -412,7 +405,8 @@ def render_page(
         f'<header><h1>{_e(title)}</h1><span class="meta">state {_e(state_path)} - updated {_e(generated)}'
         '<span id="live"></span></span></header><main>'
         + "".join(body)
-        + "</main><footer>Departement boundaries: IGN GEOFLA, INSEE, via france-geojson (Etalab Licence Ouverte)."
-        "</footer>"
+        + "</main><footer>"
+        + ("Departement boundaries: IGN GEOFLA, INSEE, via france-geojson (Etalab Licence Ouverte)." if shown else "")
+        + "</footer>"
         '<script src="/static/dashboard.js"></script></body></html>'
     )

@@ -66,6 +66,7 @@ class CropLoopConfig(StrictModel):
     batch_parcels: int = Field(default=16, ge=1, description="parcels of a region predicted together")
     pixels: int = Field(default=16, ge=1, description="pixels sampled per parcel and date")
     max_nan_share: float = Field(default=0.2, ge=0.0, le=1.0, description="series with more NaN are dead letters")
+    label_window: int = Field(default=50, ge=1, description="labelled parcels per (region, version) accuracy window")
     seed: int = 0
     demo: CropDemoConfig = Field(default_factory=CropDemoConfig)
 

@@ -5,7 +5,8 @@ version 0 of a fresh file-system crop registry; held-out source parcels calibrat
 country then streams *unlabelled* parcels as STAC series items whose ``.npz`` files sit in an in-memory object
 store (one deliberately corrupt item among them shows the dead-letter path). At the end, the source model and the
 version each country serves are scored (overall accuracy, macro-F1) on other, labelled parcels of that country,
-and a Markdown report and a JSON summary are written.
+and a Markdown report, a JSON summary and the dashboard's state file (``terradapt dashboard --state
+report/crops/state.json``: the country map) are written.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import torch
 
+from monitoring.dashboard import write_state
 from monitoring.metrics import ServiceMetrics
 from serving.crop_registry import CropRegistry
 from serving.store import FileSystemStore, MemoryReader, MemoryStore
 from stream.crops.config import CropLoopConfig
+from stream.crops.dashboard import CountryShift, crop_dashboard_state
 from stream.crops.runner import CropLoop, CropRunResult, ParcelLog
 from terradapt.crops.checkpoint import CropManifest, encode_crop
 from terradapt.crops.model import CropModel
@@ -159,7 +162,14 @@ def run_crop_demo(
         p for r in SOURCES for p in generate_country(COUNTRIES[r], cfg.calibration_parcels, seed=cfg.seed + 4)
     ]
     objects = MemoryStore("series")
-    loop = CropLoop(config, registry, calibration, reader=MemoryReader(objects), metrics=metrics, on_parcel=on_parcel)
+    logs: list[ParcelLog] = []
+
+    def observe(log: ParcelLog) -> None:
+        logs.append(log)
+        if on_parcel is not None:
+            on_parcel(log)
+
+    loop = CropLoop(config, registry, calibration, reader=MemoryReader(objects), metrics=metrics, on_parcel=observe)
     tests: dict[str, list[ParcelSeries]] = {}
     for f in targets:
         stage(f"streaming {cfg.stream_parcels} unlabelled parcels of {f.region} ({describe(f)})")
@@ -173,6 +183,8 @@ def run_crop_demo(
     rows = [_row(f, loop, registry, model, tests[f.region]) for f in targets]
     result = CropDemoResult(rows, loop.result, cfg.report_dir / "report.md", train_s, time.perf_counter() - begin)
     write_crop_report(result, config)
+    shifts = [CountryShift(f.region, describe(f)) for f in targets]
+    write_state(crop_dashboard_state(loop.result, logs, registry, shifts=shifts), cfg.report_dir / "state.json")
     return result
 
 

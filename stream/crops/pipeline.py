@@ -26,23 +26,34 @@ import torch
 
 from adapters.crops.gate import CropGate
 from adapters.crops.registry import create_crop_adapter
+from adapters.trigger import Trigger, TriggerState
 from monitoring.series_features import prediction_features, series_features
+from monitoring.series_monitor import SeriesMonitor, SeriesMonitorConfig, SeriesUpdate
 from serving.crop_registry import CropRegistry
 from serving.store import TileReader
 from stream.crops.config import CropLoopConfig
+from stream.topics import Topics
 from terradapt.crops.batch import iter_batches, to_batch
 from terradapt.crops.checkpoint import CropManifest, encode_crop
 from terradapt.crops.model import CropModel
 from terradapt.crops.records import SeriesAcquisition
 from terradapt.crops.series import ParcelSeries, SeriesSpec, validate_series
 from terradapt.errors import TerradaptError
-from terradapt.records import DeadLetter, ModelVersion
+from terradapt.records import DeadLetter, DriftEvent, ModelVersion
 
-__all__ = ["CropAdaptation", "CropPipeline", "CropPrediction", "series_vectors"]
+__all__ = [
+    "CropAdaptation",
+    "CropPipeline",
+    "CropPrediction",
+    "ParcelObservation",
+    "calibrated_monitor",
+    "observe_parcel",
+    "series_vectors",
+]
 
 Array = npt.NDArray[np.float64]
-#: the topic name dead letters of the crop loop carry (the Kafka path would use it)
-SERIES_TOPIC = "crops.series"
+#: the topic dead letters of the in-process crop loop name: the crop worker's input topic under the default prefix
+SERIES_TOPIC = Topics.with_prefix("terradapt.").crop_series
 
 
 @dataclass(frozen=True)
@@ -107,12 +118,7 @@ class CropPipeline:
     def read(self, item: SeriesAcquisition | ParcelSeries) -> ParcelSeries | DeadLetter:
         """The validated, label-free series of an item, or its dead letter (the reason is the error's)."""
         try:
-            if isinstance(item, SeriesAcquisition):
-                if self.reader is None:
-                    raise TerradaptError(f"no object reader configured to read {item.href}")
-                series = item.read(self.reader.get(item.href), max_nan_share=self.config.max_nan_share)
-            else:
-                series = validate_series(item, self.spec)
+            return self.load(item)
         except TerradaptError as exc:
             if isinstance(item, SeriesAcquisition):
                 payload, key = item.to_json().decode(), item.region
@@ -121,6 +127,20 @@ class CropPipeline:
             return DeadLetter(
                 topic=SERIES_TOPIC, reason=exc.reason, error=str(exc)[:500], payload=payload, key=key, stage="ingest"
             )
+
+    def load(self, item: SeriesAcquisition | ParcelSeries) -> ParcelSeries:
+        """The validated, label-free series of an item (its array file read through the reader).
+
+        Raises:
+            TerradaptError: no reader, the object cannot be read, or the series is invalid (typed: the reason).
+
+        """
+        if isinstance(item, SeriesAcquisition):
+            if self.reader is None:
+                raise TerradaptError(f"no object reader configured to read {item.href}")
+            series = item.read(self.reader.get(item.href), max_nan_share=self.config.max_nan_share)
+        else:
+            series = validate_series(item, self.spec)
         # the loop is label-free: a label that travels with a series (synthetic data, BreizhCrops) is dropped here
         return dataclasses.replace(series, label=-1)
 
@@ -150,8 +170,13 @@ class CropPipeline:
         )
 
     def calibration_vectors(self, parcels: Sequence[ParcelSeries]) -> dict[str, Array]:
-        """Drift vectors of held-out source parcels under the source model (what the monitor calibrates on)."""
-        return series_vectors(self._source, parcels, pixels=self.config.pixels, seed=self.config.seed)[1]
+        """Drift vectors of held-out source parcels under the source model, shuffled with ``config.seed``.
+
+        What every monitor calibrates on (``calibrated_monitor``); the crop registry stores them for the workers.
+        """
+        order = np.random.default_rng(self.config.seed).permutation(len(parcels))
+        shuffled = [parcels[int(i)] for i in order]
+        return series_vectors(self._source, shuffled, pixels=self.config.pixels, seed=self.config.seed)[1]
 
     # -- adapt -----------------------------------------------------------------------------------------------
     def adapt(self, region: str, buffer: Sequence[ParcelSeries], job_id: str) -> CropAdaptation:
@@ -208,6 +233,71 @@ class CropPipeline:
             seconds=time.perf_counter() - start,
             version=published,
         )
+
+
+def calibrated_monitor(config: SeriesMonitorConfig, vectors: Mapping[str, Array], seed: int = 0) -> SeriesMonitor:
+    """A series monitor calibrated on the first and second halves of ``vectors`` (``calibration_vectors``).
+
+    Raises:
+        CalibrationError: a signal is missing, or a half is shorter than a window.
+
+    """
+    monitor = SeriesMonitor(config)
+    half = min(len(v) for v in vectors.values()) // 2
+    monitor.calibrate({k: v[:half] for k, v in vectors.items()}, {k: v[half:] for k, v in vectors.items()}, seed=seed)
+    return monitor
+
+
+@dataclass(frozen=True)
+class ParcelObservation:
+    """What one predicted parcel did: the monitor's update, the drift event of its alarm, the trigger's decision."""
+
+    update: SeriesUpdate
+    drift: DriftEvent | None  # None when no signal fires at this parcel
+    adapt: bool
+    reason: str
+
+
+def observe_parcel(
+    monitor: SeriesMonitor,
+    trigger: Trigger,
+    trigger_state: TriggerState,
+    vectors: Mapping[str, Array],
+    *,
+    version: int,
+    region: str,
+    acquisition_id: str,
+    parcels: int,
+    buffered: int,
+) -> ParcelObservation:
+    """Monitor -> drift event -> trigger for one parcel of a region (``parcels``: the region's count with it).
+
+    The one order both runners follow; ``buffered`` is the region's buffer with this parcel in it.
+    """
+    update = monitor.update(vectors, version)
+    drift = None
+    if update.fired:
+        top = max(update.fired, key=lambda s: update.scores[s] / max(update.thresholds[s], 1e-12))
+        drift = DriftEvent(
+            region=region,
+            acquisition_id=acquisition_id,
+            tiles_seen=parcels,
+            signal=top,
+            score=update.scores[top],
+            threshold=update.thresholds[top],
+            fired=update.fired,
+            covariate=update.covariate_shift,
+            scores=dict(update.scores),
+        )
+    Trigger.observe(trigger_state)
+    decision = trigger.decide(
+        trigger_state,
+        drifted=bool(update.fired),
+        covariate=update.covariate_shift,
+        buffered=buffered,
+        adapted=version != 0,
+    )
+    return ParcelObservation(update, drift, decision.adapt, decision.reason)
 
 
 def as_mapping(vectors: Mapping[str, Array], index: int) -> dict[str, Array]:

@@ -28,7 +28,14 @@ from monitoring.series_monitor import SeriesMonitor
 from serving.crop_registry import CropRegistry
 from serving.store import TileReader
 from stream.crops.config import CropLoopConfig
-from stream.crops.pipeline import CropAdaptation, CropPipeline, CropPrediction, as_mapping
+from stream.crops.pipeline import (
+    CropAdaptation,
+    CropPipeline,
+    CropPrediction,
+    as_mapping,
+    calibrated_monitor,
+    observe_parcel,
+)
 from terradapt.crops.records import SeriesAcquisition
 from terradapt.crops.series import ParcelSeries
 from terradapt.records import DeadLetter, DriftEvent
@@ -49,6 +56,9 @@ class ParcelLog:
     predicted: int
     fired: tuple[str, ...]
     score_ratio: float
+    scores: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    p_value: float = 1.0
 
 
 @dataclass
@@ -112,13 +122,8 @@ class CropLoop:
         self.trigger = Trigger(config.trigger)
         self.metrics = metrics
         self.on_parcel = on_parcel
-        self._calibrated = SeriesMonitor(config.monitor)
-        order = np.random.default_rng(config.seed).permutation(len(calibration))
-        vectors = self.pipeline.calibration_vectors([calibration[int(i)] for i in order])
-        half = len(calibration) // 2
-        self._calibrated.calibrate(
-            {k: v[:half] for k, v in vectors.items()}, {k: v[half:] for k, v in vectors.items()}, seed=config.seed
-        )
+        vectors = self.pipeline.calibration_vectors(calibration)
+        self._calibrated = calibrated_monitor(config.monitor, vectors, seed=config.seed)
         self.regions: dict[str, CropRegionState] = {}
         self.result = CropRunResult()
 
@@ -177,7 +182,18 @@ class CropLoop:
         state.parcels += 1
         self.result.parcels[region] = state.parcels
         state.buffer.append(series)
-        update = state.monitor.update(as_mapping(prediction.vectors, i), prediction.version)
+        seen = observe_parcel(
+            state.monitor,
+            self.trigger,
+            state.trigger,
+            as_mapping(prediction.vectors, i),
+            version=prediction.version,
+            region=region,
+            acquisition_id=f"{region}_{series.parcel_id}",
+            parcels=state.parcels,
+            buffered=len(state.buffer),
+        )
+        update = seen.update
         if self.metrics is not None:
             self.metrics.observe_prediction(region, prediction.version, float(prediction.confidence[i]))
             self.metrics.observe_drift(
@@ -193,33 +209,15 @@ class CropLoop:
                     int(prediction.predicted[i]),
                     update.fired,
                     update.max_ratio,
+                    dict(update.scores),
+                    dict(update.thresholds),
+                    update.p_value,
                 )
             )
-        if update.newly_detected:
+        if update.newly_detected and seen.drift is not None:
             self.result.first_detection.setdefault(region, state.parcels)
-            top = max(update.fired, key=lambda s: update.scores[s] / max(update.thresholds[s], 1e-12))
-            self.result.drift_events.append(
-                DriftEvent(
-                    region=region,
-                    acquisition_id=f"{region}_{series.parcel_id}",
-                    tiles_seen=state.parcels,
-                    signal=top,
-                    score=update.scores[top],
-                    threshold=update.thresholds[top],
-                    fired=update.fired,
-                    covariate=update.covariate_shift,
-                    scores=dict(update.scores),
-                )
-            )
-        Trigger.observe(state.trigger)
-        decision = self.trigger.decide(
-            state.trigger,
-            drifted=bool(update.fired),
-            covariate=update.covariate_shift,
-            buffered=len(state.buffer),
-            adapted=prediction.version != 0,
-        )
-        if decision.adapt:
+            self.result.drift_events.append(seen.drift)
+        if seen.adapt:
             self._adapt(region, state)
 
     def _adapt(self, region: str, state: CropRegionState) -> None:

@@ -2,7 +2,8 @@
 
 A plain kafka-python consumer in its own consumer group. For each job it calls ``Pipeline.run_job`` (read tiles,
 adapt or reset, gate, publish, roll out: cuda when available), publishes what it returns, and only then commits
-the offset (at-least-once; ``run_job`` is idempotent per job id).
+the offset (at-least-once; ``run_job`` is idempotent per job id). ``crop_adapt_worker`` is the same worker on
+the crop jobs topic (``CropSteps.run_job``), in a consumer group of its own.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaError
 
 from stream.kafka.ingest import make_producer
 from stream.kafka.security import client_options
-from stream.kafka.services import Services
+from stream.kafka.services import CropServices, Services
 from stream.outcome import Outcome
 
 log = logging.getLogger("terradapt.adapt_worker")
@@ -27,16 +29,25 @@ class AdaptWorker:
 
     def __init__(
         self,
-        services: Services,
+        services: Services | CropServices,
         consumer: KafkaConsumer | None = None,
         producer: KafkaProducer | None = None,
+        *,
+        run_job: Callable[[bytes, str | None], Outcome] | None = None,
+        topic: str | None = None,
+        group: str = "adapt",
     ) -> None:
         self.s = services
+        if run_job is None:
+            if not isinstance(services, Services):
+                raise TypeError("run_job is required with crop services: use crop_adapt_worker")
+            run_job = services.pipeline.run_job
+        self.run_job = run_job
         kafka = services.settings.kafka
         self.consumer = consumer or KafkaConsumer(
-            services.topics.adaptation_jobs,
+            topic or services.topics.adaptation_jobs,
             **client_options(kafka),
-            group_id=f"{services.settings.stream.app_id}-adapt",
+            group_id=f"{services.settings.stream.app_id}-{group}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=1,
@@ -78,7 +89,7 @@ class AdaptWorker:
             for records in batches.values():
                 for msg in records:
                     key = msg.key.decode("utf-8", errors="replace") if msg.key else None
-                    self.publish(self.s.pipeline.run_job(msg.value, key))
+                    self.publish(self.run_job(msg.value, key))
                     self.consumer.commit()
                     log.info("handled adaptation job of %s (partition %s, offset %s)", key, msg.partition, msg.offset)
                     handled += 1
@@ -91,6 +102,11 @@ class AdaptWorker:
         self.consumer.close()
         self.producer.flush()
         self.producer.close()
+
+
+def crop_adapt_worker(services: CropServices) -> AdaptWorker:
+    """The crop loop's adaptation worker: crop jobs topic, ``CropSteps.run_job``, group ``<app_id>-crops-adapt``."""
+    return AdaptWorker(services, run_job=services.steps.run_job, topic=services.topics.crop_jobs, group="crops-adapt")
 
 
 def run_forever(worker: AdaptWorker) -> None:

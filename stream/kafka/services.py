@@ -1,4 +1,8 @@
-"""Builds what a Kafka worker needs from settings: MinIO stores, the registry, the pipeline, topic names, metrics."""
+"""Builds what a Kafka worker needs from settings: MinIO stores, the registry, the pipeline, topic names, metrics.
+
+``build_services`` wires the segmentation pipeline, ``build_crop_services`` the crop loop's calls (crop registry,
+its calibration vectors, the same object reader rules and buckets).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,14 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 
 from monitoring.metrics import MetricsServer, ServiceMetrics
+from serving.crop_registry import CropRegistry
 from serving.hrefs import HrefPolicy, HrefReader
 from serving.minio_store import MinioStore, minio_client
 from serving.registry import ModelRegistry
 from serving.retrying import RetryingReader, RetryingStore, RetryPolicy
-from stream.build import build_pipeline
+from stream.build import build_pipeline, configure_threads
 from stream.config import Settings
+from stream.crops.steps import CropSteps
 from stream.observer import MetricsObserver
 from stream.pipeline import Pipeline
 from stream.topics import Topics
@@ -29,8 +35,27 @@ class Services:
 
     def serve_metrics(self) -> MetricsServer | None:
         """Serve /metrics on the configured loopback port (0 = not served)."""
-        cfg = self.settings.metrics
-        return self.metrics.serve(cfg.port, cfg.addr) if cfg.port else None
+        return serve_metrics(self.settings, self.metrics)
+
+
+@dataclass
+class CropServices:
+    """What a crop worker needs: its settings, the crop loop's calls, topics, metrics."""
+
+    settings: Settings
+    steps: CropSteps
+    topics: Topics
+    metrics: ServiceMetrics
+
+    def serve_metrics(self) -> MetricsServer | None:
+        """Serve /metrics on the configured loopback port (0 = not served)."""
+        return serve_metrics(self.settings, self.metrics)
+
+
+def serve_metrics(settings: Settings, metrics: ServiceMetrics) -> MetricsServer | None:
+    """Serve ``metrics`` on ``metrics.port`` / ``metrics.addr`` (port 0 = not served)."""
+    cfg = settings.metrics
+    return metrics.serve(cfg.port, cfg.addr) if cfg.port else None
 
 
 def href_policy(settings: Settings) -> HrefPolicy:
@@ -59,3 +84,25 @@ def build_services(settings: Settings) -> Services:
         observer=MetricsObserver(metrics),
     )
     return Services(settings, pipeline, Topics.with_prefix(settings.kafka.topic_prefix), metrics)
+
+
+def build_crop_services(settings: Settings) -> CropServices:
+    """Wire the crop registry (models bucket, ``crops/`` prefix), its calibration, the object reader and metrics.
+
+    Raises:
+        CalibrationError: the registry holds no crop calibration (run ``terradapt crops init``) or a stale one.
+
+    """
+    configure_threads(settings)
+    client = minio_client(settings.s3)
+    retry = storage_retry(settings)
+    registry = CropRegistry(RetryingStore(MinioStore(client, settings.s3.bucket_models), retry))
+    metrics = ServiceMetrics(CollectorRegistry(), regions=settings.stream.regions or None)
+    steps = CropSteps.from_settings(
+        settings,
+        registry,
+        RetryingReader(HrefReader(client, href_policy(settings)), retry),
+        RetryingStore(MinioStore(client, settings.s3.bucket_predictions), retry),
+        metrics,
+    )
+    return CropServices(settings, steps, steps.topics, metrics)

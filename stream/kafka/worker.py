@@ -8,6 +8,10 @@ stores the state the call returns and publishes its records. Messages are keyed 
 lives in the table partition its messages arrive on, survives restarts and moves with the partition on a rebalance
 (changelog-backed tables).
 
+``terradapt crops worker`` is the same app (``worker_app``) with the crop loop's routes: parcel series to
+``CropSteps.process_many`` (up to ``crops.batch_parcels`` per step), crop labels to ``CropSteps.process_label``, in
+a consumer group and tables of its own (``<stream.app_id>-crops-worker``).
+
 Delivery is at-least-once; outputs are idempotent (the prediction object key is the acquisition id, the job id is
 derived from the acquisition id). A region's stored state carries the partition offset of the last message it
 includes, and an agent stores it after queueing that message's records on the same producer: a replay after a
@@ -24,18 +28,19 @@ import struct
 import time
 import weakref
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 import faust
 import faust.streams as faust_streams
 from faust.streams import Stream
 
 from stream.kafka.security import faust_credentials
-from stream.kafka.services import Services
+from stream.kafka.services import CropServices, Services
 from stream.outcome import Outcome
+from stream.topics import TopicName
 
 log = logging.getLogger("terradapt.worker")
 
@@ -121,14 +126,54 @@ def unpack_state(value: bytes) -> StoredState:
     return StoredState(value)
 
 
+@dataclass(frozen=True)
+class Route:
+    """One agent of a worker: its input topic, the call its messages go to, the table of each region's state."""
+
+    topic: str
+    step: Step
+    table: str
+    what: str
+    batching: Batching = Batching()
+
+
 def create_app(services: Services) -> faust.App:
     """The faust app of the stream worker (no module-level app: each call builds a fresh one)."""
+    settings, pipeline, topics = services.settings, services.pipeline, services.topics
+    batching = Batching(settings.stream.batch_max_tiles, settings.stream.batch_wait_ms / 1000.0)
+    # "monitors" holds RegionState bytes, "accuracy" the delayed-label tracker of each region (``pack_state``d)
+    return worker_app(
+        services,
+        "worker",
+        [
+            Route(topics.acquisitions, pipeline.process_many, "monitors", "acquisition", batching),
+            Route(topics.labels, lambda items: [pipeline.process_label(*i) for i in items], "accuracy", "label"),
+        ],
+    )
+
+
+def create_crop_app(services: CropServices) -> faust.App:
+    """The faust app of the crop worker: parcel series and their delayed labels (its own group and tables)."""
+    return worker_app(services, "crops-worker", crop_routes(services))
+
+
+def crop_routes(services: CropServices) -> list[Route]:
+    """The crop worker's agents: up to ``crops.batch_parcels`` waiting series per step, labels one by one."""
+    settings, steps, topics = services.settings, services.steps, services.topics
+    batching = Batching(settings.crops.batch_parcels, settings.stream.batch_wait_ms / 1000.0)
+    return [
+        Route(topics.crop_series, steps.process_many, "monitors", "series item", batching),
+        Route(topics.crop_labels, lambda items: [steps.process_label(*i) for i in items], "accuracy", "crop label"),
+    ]
+
+
+def worker_app(services: Services | CropServices, name: str, routes: list[Route]) -> faust.App:
+    """A faust app ``<stream.app_id>-<name>`` with one agent per route, each storing its regions' states in a table."""
     settings = services.settings
-    pipeline = services.pipeline
     faust_dir = settings.runtime.workdir / "faust"
     faust_dir.mkdir(parents=True, exist_ok=True)  # faust makes its app's folder in it, not the parents
     app = faust.App(
-        f"{settings.stream.app_id}-worker",
+        f"{settings.stream.app_id}-{name}",
         broker=f"kafka://{settings.kafka.bootstrap}",
         broker_credentials=faust_credentials(settings.kafka),
         store="memory://",
@@ -148,12 +193,9 @@ def create_app(services: Services) -> faust.App:
     topics = services.topics
     partitions = settings.kafka.partitions
     sinks = {
-        name: app.topic(topics.name(name), key_type=bytes, value_type=bytes)
-        for name in ("predictions", "features", "drift_events", "adaptation_jobs", "deadletter")
+        logical: app.topic(topics.name(logical), key_type=bytes, value_type=bytes)
+        for logical in cast("tuple[TopicName, ...]", get_args(TopicName))
     }
-    # "monitors" holds RegionState bytes, "accuracy" the delayed-label tracker of each region (``pack_state``d)
-    states = app.Table("monitors", default=None, key_type=str, value_type=bytes, partitions=partitions)
-    accuracy = app.Table("accuracy", default=None, key_type=str, value_type=bytes, partitions=partitions)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="terradapt-compute")
 
     progress = _Progress()
@@ -197,17 +239,12 @@ def create_app(services: Services) -> faust.App:
                 log.info("processed %s %s", what, key)
                 progress.seen(message.tp, message.offset)
 
-    acquisition_batches = Batching(settings.stream.batch_max_tiles, settings.stream.batch_wait_ms / 1000.0)
+    for route in routes:
+        table = app.Table(route.table, default=None, key_type=str, value_type=bytes, partitions=partitions)
+        channel = app.topic(route.topic, key_type=bytes, value_type=bytes, partitions=partitions)
+        app.agent(channel, name=f"{app.conf.id}.{route.table}")(_agent(drain, route, table))
 
-    @app.agent(app.topic(topics.acquisitions, key_type=bytes, value_type=bytes, partitions=partitions))
-    async def acquisitions(stream: faust.StreamT[bytes]) -> None:
-        await drain(stream, pipeline.process_many, states, "acquisition", acquisition_batches)
-
-    @app.agent(app.topic(topics.labels, key_type=bytes, value_type=bytes, partitions=partitions))
-    async def labels(stream: faust.StreamT[bytes]) -> None:
-        await drain(stream, lambda items: [pipeline.process_label(*i) for i in items], accuracy, "label", Batching())
-
-    watched = {topics.acquisitions, topics.labels}
+    watched = {route.topic for route in routes}
 
     @app.timer(interval=STALL_CHECK_S)  # type: ignore[untyped-decorator]  # faust's timer is untyped
     async def stall_guard() -> None:
@@ -245,6 +282,15 @@ def create_app(services: Services) -> faust.App:
                 progress.seen(tp, nxt - 1)
 
     return app
+
+
+def _agent(drain: Callable[..., Awaitable[None]], route: Route, table: Any) -> Callable[..., Awaitable[None]]:
+    """The agent function of ``route`` (a closure per route: faust names and starts each one)."""
+
+    async def agent(stream: faust.StreamT[bytes]) -> None:
+        await drain(stream, route.step, table, route.what, route.batching)
+
+    return agent
 
 
 def _next_offset(consumed: int | None, committed: int | None, earliest: int) -> int:

@@ -58,6 +58,20 @@ def test_a_collapsed_candidate_is_refused():
     assert {"class_collapse", "entropy_collapse", "information_drop"} <= set(result.reasons)
 
 
+def test_confidence_alone_is_not_a_collapse():
+    """A confident repair of a very unsure model keeps its class mix: not refused as an entropy collapse."""
+    unsure = copy.deepcopy(source_model())
+    with torch.no_grad():
+        unsure.classifier().weight.mul_(0.05)  # same argmax on most parcels, far higher entropy
+        unsure.classifier().bias.mul_(0.05)
+    batches, _ = _parcels("fr-1", seed=21)
+    result = CropGate().check(source_model(), unsure, batches)
+    m = result.metrics
+    assert m["candidate_entropy"] < CropGateConfig().min_entropy_ratio * m["current_entropy"]  # far more confident
+    assert m["candidate_share_entropy"] >= m["current_share_entropy"] - 1e-6  # as diverse
+    assert "entropy_collapse" not in result.reasons and result.accepted, result
+
+
 def test_the_gate_refuses_bad_inputs_and_unknown_config_keys():
     batches, labels = _parcels("fr-1", seed=21)
     with pytest.raises(ValueError, match="parcel"):

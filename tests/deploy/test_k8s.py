@@ -15,7 +15,8 @@ PATH; a missing tool fails the tests with that command.
 The settings check runs each worker container's settings the way the worker does: the rendered ConfigMap's TOML
 through ``stream.config.load_settings`` with the container's environment (Secret references stand in as
 placeholders), so an unknown key or variable, a metrics port the probes do not use, or a secret path that is not
-mounted fails here rather than in a crash-looping pod.
+mounted fails here rather than in a crash-looping pod. The crop workers (``components/crops``) are checked the same
+way in the builds that use that component, except for TorchServe, which they do not use.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import pytest
@@ -58,8 +59,28 @@ CUSTOM_RESOURCES = {
 }
 #: the oldest Kubernetes release the manifests are validated against (the newest: the newest the package ships)
 OLDEST_KUBERNETES = "1.30.0"
-#: faust tables of the stream worker (stream/kafka/worker.py): each has a changelog topic
+#: faust tables of the stream worker and of the crop worker (stream/kafka/worker.py): each has a changelog topic
 TABLES = ("monitors", "accuracy")
+
+
+class Worker(NamedTuple):
+    """A worker Deployment ``terradapt-<component>``: what it runs and what it needs."""
+
+    args: list[str]
+    group: str  #: its consumer group is ``<stream.app_id>-<group>`` (a faust app's id for a stream worker)
+    stream: bool  #: a faust stream worker: replicas bounded by the partitions, a PodDisruptionBudget
+    torchserve: bool  #: predicts through TorchServe (its URLs, key file and model store on the shared volume)
+
+
+#: every worker, by its app.kubernetes.io/component label
+WORKERS = {
+    "stream-worker": Worker(["worker"], "worker", stream=True, torchserve=True),
+    "adapt-worker": Worker(["adapt-worker"], "adapt", stream=False, torchserve=True),
+    "crops-worker": Worker(["crops", "worker"], "crops-worker", stream=True, torchserve=False),
+    "crops-adapt-worker": Worker(["crops", "adapt-worker"], "crops-adapt", stream=False, torchserve=False),
+}
+#: the workers components/crops adds (in the builds that use it only)
+CROP_WORKERS = ("crops-worker", "crops-adapt-worker")
 #: writable paths a container's environment names (the root file system is read-only)
 WRITABLE_ENV = ("HOME", "TEMP", "TMPDIR", "LOG_LOCATION", "METRICS_LOCATION")
 SECRET_PLACEHOLDER = "from-a-secret"
@@ -273,10 +294,16 @@ def with_component(component: str) -> list[str]:
     return out
 
 
+def workers_of(build: str) -> list[str]:
+    """The worker components a build runs: the base's two, and the crop workers where it uses components/crops."""
+    crops = build in with_component("crops")
+    return [w for w in WORKERS if crops or w not in CROP_WORKERS]
+
+
 # -- the layout --------------------------------------------------------------------------------------------------
 def test_every_component_has_an_overlay():
     components = {p.name for p in (K8S / "components").iterdir() if p.is_dir()}
-    assert components >= {"gpu", "strimzi", "minio-operator", "prometheus-operator"}
+    assert components >= {"gpu", "strimzi", "minio-operator", "prometheus-operator", "crops"}
     for component in components:
         assert f"overlays/{component}" in with_component(component), f"components/{component} has no overlay"
 
@@ -367,6 +394,10 @@ def test_containers_have_resources_probes_and_run_locked_down(build: str):
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert pod["securityContext"]["runAsUser"] != 0, name
         assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+    # one image, one tag: components/crops writes the base's tag in its Deployments
+    assert len({c["image"] for _, c in containers(items)}) == 1, {
+        d["metadata"]["name"]: c["image"] for d, c in containers(items)
+    }
     for dep, c in containers(items):
         where = f"{dep['metadata']['name']}/{c['name']}"
         assert c["image"].startswith("terradapt:"), f"{where}: {c['image']} (one image name for kustomize images:)"
@@ -391,9 +422,17 @@ def test_containers_have_resources_probes_and_run_locked_down(build: str):
 def test_workers_settings_load_and_match_the_manifests(build: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     items = docs(build)
     ns = namespace(items)
-    for component, command in (("stream-worker", "worker"), ("adapt-worker", "adapt-worker")):
+    components = workers_of(build)
+    # the crop workers exactly where components/crops is used
+    assert {d["metadata"]["name"] for d in find(items, "Deployment")} == {
+        *(f"terradapt-{component}" for component in components),
+        "terradapt-torchserve",
+    }
+    for component in components:
+        spec = WORKERS[component]
         dep, c = worker(items, component)
-        assert c["args"] == [command]
+        assert c["args"] == spec.args
+        assert dep["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == component
         settings = settings_of(items, dep, c, monkeypatch, tmp_path)
         where = f"{build}: {component}"
         # /metrics: served where the probes and Prometheus look for it
@@ -416,8 +455,14 @@ def test_workers_settings_load_and_match_the_manifests(build: str, monkeypatch: 
             mount, vol = mount_of(dep, c, str(path))
             assert mount.get("readOnly") and "secret" in vol, f"{where}: {path} not on a read-only Secret volume"
             assert [i["path"] for i in vol["secret"]["items"]] == [key] == [path.name], where
-        if component == "stream-worker":
+        if spec.stream:
             assert dep["spec"]["replicas"] <= kafka.partitions, f"{where}: idle replicas beyond the partitions"
+            (budget,) = [
+                b
+                for b in find(items, "PodDisruptionBudget")
+                if b["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+            ]
+            assert budget["spec"]["maxUnavailable"] == 1, f"{where}: one replica away at a time"
         # S3: keys from a Secret, an in-cluster endpoint in this namespace
         assert settings.s3.access_key is not None and settings.s3.secret_key is not None, where
         assert settings.s3.access_key.get_secret_value() == SECRET_PLACEHOLDER, where
@@ -426,6 +471,11 @@ def test_workers_settings_load_and_match_the_manifests(build: str, monkeypatch: 
             assert host.split(".")[-2] == ns, f"{where}: {settings.s3.endpoint} is not in namespace {ns}"
         if settings.s3.ca_file is not None:
             mount_of(dep, c, str(settings.s3.ca_file))
+        if not spec.torchserve:
+            # the crop workers predict in process: no shared volume (TorchServe's settings are not read)
+            claims = [v for v in dep["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v]
+            assert not claims, f"{where}: {claims}"
+            continue
         # TorchServe: through its Service, tokens and archives on the shared volume
         assert settings.runtime.predictor == "torchserve", where
         ts = settings.torchserve
@@ -505,8 +555,9 @@ def test_gpu_component_gives_the_adaptation_worker_a_gpu(build: str, monkeypatch
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, "a rollout would need a spare GPU"
     settings = settings_of(items, dep, c, monkeypatch, tmp_path)
     assert settings.adaptation.device == "cuda" and settings.runtime.device == "cuda"
-    # the stream worker and TorchServe stay off the GPU nodes
-    for other in ("terradapt-stream-worker", "terradapt-torchserve"):
+    # the other workers (the crop workers too, where present) and TorchServe stay off the GPU nodes
+    others = [f"terradapt-{w}" for w in workers_of(build) if w != "adapt-worker"]
+    for other in [*others, "terradapt-torchserve"]:
         (oc,) = one(items, "Deployment", other)["spec"]["template"]["spec"]["containers"]
         assert "nvidia.com/gpu" not in oc["resources"]["limits"], other
 
@@ -529,13 +580,14 @@ def test_strimzi_component_matches_the_settings(build: str, monkeypatch: pytest.
     for d in items:
         if d["apiVersion"].startswith("kafka.strimzi.io/"):
             assert d["metadata"]["labels"]["app.kubernetes.io/component"] == "kafka", d["metadata"]["name"]
-    for component in ("stream-worker", "adapt-worker"):
+    for component in workers_of(build):
         dep, c = worker(items, component)
         settings = settings_of(items, dep, c, monkeypatch, tmp_path)
         kafka = settings.kafka
         # topics: every terradapt topic and changelog, with kafka.partitions partitions
         topics = {t["metadata"]["name"]: t["spec"] for t in find(items, "KafkaTopic")}
-        changelogs = {f"{settings.stream.app_id}-worker-{table}-changelog" for table in TABLES}
+        apps = ("worker", "crops-worker")  # the stream worker's and the crop worker's faust apps
+        changelogs = {f"{settings.stream.app_id}-{app}-{table}-changelog" for app in apps for table in TABLES}
         assert set(topics) == set(Topics.with_prefix(kafka.topic_prefix).all()) | changelogs
         for topic, spec in topics.items():
             assert spec["partitions"] == kafka.partitions, f"{topic}: {spec['partitions']} != kafka.partitions"
@@ -550,6 +602,27 @@ def test_strimzi_component_matches_the_settings(build: str, monkeypatch: pytest.
         (listener,) = [li for li in cluster["spec"]["kafka"]["listeners"] if li.get("authentication", {}).get("type")]
         assert listener["tls"] is True and kafka.security_protocol == "SASL_SSL"
         assert kafka.bootstrap == f"{name}-kafka-bootstrap.{ns}.svc:{listener['port']}"
+        # the user's ACLs: every declared topic, and the consumer group of every worker (crop workers included:
+        # the topics are declared whether or not components/crops is used)
+        for topic in topics:
+            assert acl_allows(user, "topic", topic) >= {"Read", "Write", "Describe", "Create"}, f"ACL: topic {topic}"
+        for w in WORKERS.values():
+            group = f"{settings.stream.app_id}-{w.group}"
+            assert acl_allows(user, "group", group) >= {"Read", "Describe"}, f"ACL: group {group}"
+
+
+def acl_allows(user: Doc, kind: str, name: str) -> set[str]:
+    """The operations the KafkaUser's simple-authorization ACLs allow on the resource (literal or prefix)."""
+    allowed: set[str] = set()
+    for acl in user["spec"]["authorization"]["acls"]:
+        resource = acl["resource"]
+        if resource["type"] != kind or acl.get("type", "allow") != "allow":
+            continue
+        pattern = resource.get("patternType", "literal")
+        assert pattern in ("literal", "prefix"), resource
+        if name.startswith(resource["name"]) if pattern == "prefix" else resource["name"] in (name, "*"):
+            allowed |= set(acl["operations"])
+    return allowed
 
 
 @pytest.mark.parametrize("build", with_component("minio-operator"))
@@ -561,7 +634,7 @@ def test_minio_component_matches_the_settings(build: str, monkeypatch: pytest.Mo
     assert tenant["metadata"]["labels"]["app.kubernetes.io/component"] == "object-storage"  # README's first apply
     assert tenant["spec"]["configuration"]["name"] == "terradapt-minio-config"
     users = {u["name"] for u in tenant["spec"]["users"]}
-    for component in ("stream-worker", "adapt-worker"):
+    for component in workers_of(build):
         dep, c = worker(items, component)
         s3 = settings_of(items, dep, c, monkeypatch, tmp_path).s3
         assert {b["name"] for b in tenant["spec"]["buckets"]} >= {
@@ -601,43 +674,60 @@ def test_service_monitors_select_the_metrics_services(build: str):
             for s in selected:
                 assert endpoint["port"] in {p["name"] for p in s["spec"]["ports"]}, s["metadata"]["name"]
                 scraped[s["metadata"]["name"]] = monitor
-    assert set(scraped) == {
-        "terradapt-stream-worker-metrics",
-        "terradapt-adapt-worker-metrics",
-        "terradapt-torchserve",
-    }
-    # the alert rules and the dashboard select job="terradapt" (deploy/prometheus/alerts.yml)
-    for name in ("terradapt-stream-worker-metrics", "terradapt-adapt-worker-metrics"):
+    workers = {f"terradapt-{w}-metrics": w for w in workers_of(build)}  # the crop workers' where present
+    assert set(scraped) == {*workers, "terradapt-torchserve"}
+    # the alert rules and the dashboard select job="terradapt" (deploy/prometheus/alerts.yml) and the runner label
+    for name, component in workers.items():
         service, monitor = one(items, "Service", name), scraped[name]
         assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "terradapt"
+        (endpoint,) = monitor["spec"]["endpoints"]
+        runner = relabel(endpoint["relabelings"], service_meta(service, "metrics"), prometheus_operator=True)
+        assert runner is not None and runner.get("runner") == component, name
     assert 'job="terradapt"' in (ROOT / "deploy" / "prometheus" / "alerts.yml").read_text()
 
 
-def relabel(rules: list[Doc], labels: dict[str, str]) -> dict[str, str] | None:
-    """Prometheus relabelling (keep and replace with the default regex/replacement), enough for scrape-configs.yml."""
+def relabel(rules: list[Doc], labels: dict[str, str], *, prometheus_operator: bool = False) -> dict[str, str] | None:
+    """Prometheus relabelling (keep and replace with the default regex/replacement), enough for scrape-configs.yml.
+
+    ``prometheus_operator``: the ServiceMonitor spelling (``sourceLabels``, ``targetLabel``).
+    """
+    source, target = ("sourceLabels", "targetLabel") if prometheus_operator else ("source_labels", "target_label")
     labels = dict(labels)
     for rule in rules:
-        value = ";".join(labels.get(s, "") for s in rule["source_labels"])
+        value = ";".join(labels.get(s, "") for s in rule[source])
         action = rule.get("action", "replace")
         if action == "keep":
             if not re.fullmatch(rule["regex"], value):
                 return None
         elif action == "replace":
             assert rule.get("regex", "(.*)") == "(.*)" and "replacement" not in rule, rule
-            labels[rule["target_label"]] = value
+            labels[rule[target]] = value
         else:
             raise AssertionError(f"action {action} not simulated here")
     return labels
 
 
-def test_plain_prometheus_scrape_config_finds_the_metrics_endpoints():
-    """deploy/k8s/prometheus/scrape-configs.yml keeps exactly the metrics ports of the base's Services.
+def service_meta(service: Doc, port: str) -> dict[str, str]:
+    """The discovery labels of a Service's endpoint port (role endpoints), those the relabelling here reads."""
+    meta = {
+        "__meta_kubernetes_service_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
+        for k, v in service["metadata"]["labels"].items()
+    }
+    meta["__meta_kubernetes_endpoint_port_name"] = port
+    meta["__meta_kubernetes_pod_name"] = "pod-0"
+    return meta
+
+
+@pytest.mark.parametrize("build", ["base", *with_component("crops")])
+def test_plain_prometheus_scrape_config_finds_the_metrics_endpoints(build: str):
+    """deploy/k8s/prometheus/scrape-configs.yml keeps exactly the metrics ports of the Services (the base's, and the
+    crop workers' in the builds with components/crops).
 
     Debian's promtool is built without Kubernetes service discovery, so the jobs are checked by applying their
     relabelling to the discovery labels of the rendered Services.
     """
     config = yaml.safe_load((K8S / "prometheus" / "scrape-configs.yml").read_text())
-    items = docs("base")
+    items = docs(build)
     ns = namespace(items)
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     kept: dict[str, set[tuple[str, str]]] = {name: set() for name in jobs}
@@ -646,20 +736,11 @@ def test_plain_prometheus_scrape_config_finds_the_metrics_endpoints():
         assert sd["role"] == "endpoints" and sd["namespaces"]["names"] == [ns]
         for service in find(items, "Service"):
             for port in service["spec"]["ports"]:
-                meta = {
-                    "__meta_kubernetes_service_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", k): v
-                    for k, v in service["metadata"]["labels"].items()
-                }
-                meta["__meta_kubernetes_endpoint_port_name"] = port["name"]
-                meta["__meta_kubernetes_pod_name"] = "pod-0"
-                target = relabel(job["relabel_configs"], meta)
+                target = relabel(job["relabel_configs"], service_meta(service, port["name"]))
                 if target is not None:
                     kept[job_name].add((service["metadata"]["name"], target.get("runner", "")))
     assert kept == {
-        "terradapt": {
-            ("terradapt-stream-worker-metrics", "stream-worker"),
-            ("terradapt-adapt-worker-metrics", "adapt-worker"),
-        },
+        "terradapt": {(f"terradapt-{w}-metrics", w) for w in workers_of(build)},
         "torchserve": {("terradapt-torchserve", "")},
     }
 

@@ -6,6 +6,7 @@ parsed value.
 """
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -338,8 +339,10 @@ def test_runtime_workdir_holds_the_stream_workers_files(env, tmp_path, monkeypat
 
     monkeypatch.chdir(tmp_path)  # faust's default would be "<app>-data" in the working folder
 
+    calls = SimpleNamespace(process_many=list, process_label=list)  # the app only names them
+
     def app_for(settings):
-        services = Services(settings, None, Topics.with_prefix("t."), ServiceMetrics(Registry()))  # type: ignore[arg-type]
+        services = Services(settings, calls, Topics.with_prefix("t."), ServiceMetrics(Registry()))  # type: ignore[arg-type]
         return create_app(services)
 
     default = app_for(env())

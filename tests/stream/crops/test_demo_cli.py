@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from monitoring.dashboard import read_state, render_page
 from stream.cli import app
 
 runner = CliRunner(env={"COLUMNS": "250"})
@@ -38,6 +39,16 @@ def test_demo_task_crops_quick(crop_env: dict[str, str], tmp_path: Path) -> None
     assert {d["reason"] for d in summary["dead_letters"]} == {"invalid_series"}
     report = (tmp_path / "report" / "report.md").read_text()
     assert "| lv-1 |" in report and "OA system" in report
+    # the dashboard's state file: the countries on the country map, lv-1 drifting and served by its new version
+    state = read_state(tmp_path / "report" / "state.json")
+    assert state is not None and set(state.regions) == {"fr-2", "lv-1"}
+    lv = state.regions["lv-1"]
+    assert lv.first_detection == rows["lv-1"]["drift_at"] and lv.current_version == rows["lv-1"]["final_version"]
+    assert [a.accepted for a in lv.adaptations if a.version == lv.current_version] == [True]
+    assert state.regions["fr-2"].first_detection is None and len(state.regions["fr-2"].timeline) == 160
+    page = render_page(state, None, state_path=Path("state.json"))
+    assert 'data-country="LV" data-regions="lv-1"' in page and 'data-country="FR" data-regions="fr-2"' in page
+    assert "Drift now, by country" in page and "by departement" not in page
 
 
 def test_demo_task_is_checked(crop_env: dict[str, str]) -> None:
