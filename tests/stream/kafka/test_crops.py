@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -52,40 +53,63 @@ def crop_source(root: Path) -> tuple[Path, Path]:
     return model_dir, calibration
 
 
-def test_two_countries_one_shifted_end_to_end(tmp_path: Path) -> None:
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """An isolated stack whose models bucket holds the source crop model and its calibration (`crops init`)."""
     torch.set_num_threads(1)
     stack = Stack(tmp_path / "stack")
     stack.root.mkdir(parents=True, exist_ok=True)
     try:
-        run(stack, tmp_path)
+        model_dir, calibration = crop_source(tmp_path)
+        init = subprocess.run(
+            [TERRADAPT, "crops", "init", "--model", str(model_dir), "--calibration", str(calibration)],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert init.returncode == 0, init.stdout + init.stderr
+        assert "calibrated on 128 parcels" in " ".join(init.stdout.split())  # rich wraps at the terminal width
+        yield stack
     finally:
         stack.stop_all()
 
 
-def run(stack: Stack, tmp_path: Path) -> None:
-    model_dir, calibration = crop_source(tmp_path)
-    init = subprocess.run(
-        [TERRADAPT, "crops", "init", "--model", str(model_dir), "--calibration", str(calibration)],
-        env=stack.env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert init.returncode == 0, init.stdout + init.stderr
-    assert "calibrated on 128 parcels" in " ".join(init.stdout.split())  # rich wraps at the terminal width
-    registry = CropRegistry(stack.models)
-    assert registry.calibration()["profile"].shape[0] == 128
-
-    stack.start_argv("crops", [TERRADAPT, "crops", "worker"])
-    stack.start_argv("crops-adapt", [TERRADAPT, "crops", "adapt-worker"])
-    topic = stack.topics.crop_series
+def publisher(stack: Stack) -> Callable[[list[ParcelSeries], str], list[SeriesAcquisition]]:
+    """Publish series like `terradapt crops ingest` (objects first, then their items), failing on any refusal."""
 
     def publish(parcels: list[ParcelSeries], country: str) -> list[SeriesAcquisition]:
         report = publish_series(
-            parcels, country=country, store=stack.acquisitions, producer=stack.producer, topic=topic
+            parcels, country=country, store=stack.acquisitions, producer=stack.producer, topic=stack.topics.crop_series
         )
         assert not report.refused
         return report.published
+
+    return publish
+
+
+def stored_counts(stack: Stack) -> dict[str, int]:
+    """Parcels each region's stored crop state has counted (the crop worker's table, as its changelog leaves it)."""
+    changelog = f"{stack.settings.stream.app_id}-crops-worker-monitors-changelog"
+    last = {json.loads(k): v for k, v in stack.read_keyed(changelog, timeout_s=1.0) if v is not None}
+    return {region: json.loads(unpack_state(v).state)["parcels"] for region, v in last.items()}
+
+
+def wait_for_counts(stack: Stack, expected: dict[str, int], timeout_s: float = 120.0) -> None:
+    """Wait until the stored states count ``expected`` (a state is written after its records, so it may lag)."""
+    deadline = time.monotonic() + timeout_s
+    while (counts := stored_counts(stack)) != expected:
+        assert time.monotonic() < deadline, f"stored parcel counts {counts}, expected {expected}"
+        time.sleep(0.5)
+
+
+def test_two_countries_one_shifted_end_to_end(stack: Stack, tmp_path: Path) -> None:
+    registry = CropRegistry(stack.models)
+    assert registry.calibration()["profile"].shape[0] == 128
+    stack.start_argv("crops", [TERRADAPT, "crops", "worker"])
+    stack.start_argv("crops-adapt", [TERRADAPT, "crops", "adapt-worker"])
+    topic = stack.topics.crop_series
+    publish = publisher(stack)
 
     fr = publish(generate_country(FR2, 160, seed=2), "FR")
     lv = publish(generate_country(LV, 96, seed=2), "LV")  # drift at 16 parcels, a job at 64 buffered
@@ -131,17 +155,8 @@ def run(stack: Stack, tmp_path: Path) -> None:
     assert {by_id[i]["model_version"] for i in later} == {1}
     assert {by_id[s.id]["model_version"] for s in fr} == {0}
 
-    # each country's stored state counts every series once (the state is written after its records: wait for it)
-    monitors = f"{stack.settings.stream.app_id}-crops-worker-monitors-changelog"
-
-    def counted() -> dict[str, int]:
-        last = {json.loads(k): v for k, v in stack.read_keyed(monitors, timeout_s=1.0) if v is not None}
-        return {region: json.loads(unpack_state(v).state)["parcels"] for region, v in last.items()}
-
-    deadline = time.monotonic() + 120
-    while counted() != {"fr-2": 160, "lv-1": 96 + 32}:
-        assert time.monotonic() < deadline, f"stored parcel counts {counted()}"
-        time.sleep(0.5)
+    # each country's stored state counts every series once
+    wait_for_counts(stack, {"fr-2": 160, "lv-1": 96 + 32})
 
     # drift only for the shifted country; one job, handled once
     drift = stack.read("drift_events")
@@ -166,3 +181,22 @@ def run(stack: Stack, tmp_path: Path) -> None:
     assert [(w["region"], w["version"], len(w["tiles"])) for w in windows] == [("lv-1", 1, 32)]
     correct = sum(by_id[i]["predicted"] == p.label for i, p in zip(later, labelled, strict=True))
     assert correct >= 24, f"adapted lv-1 version: {correct}/32 labelled parcels right"
+
+
+def test_crop_worker_sigkill_mid_stream_loses_nothing_and_counts_once(stack: Stack) -> None:
+    stack.start_argv("crops", [TERRADAPT, "crops", "worker"])
+    publish = publisher(stack)
+    series = publish(generate_country(FR2, 160, seed=2), "FR") + publish(generate_country(LV, 96, seed=2), "LV")
+    ids = {s.id for s in series}
+    # killed once it has predicted some of the stream (an event), restarted, and the stream goes on
+    stack.wait_for("crop_predictions", lambda m: len(m) >= 40, timeout_s=180)
+    stack.kill("crops")
+    stack.start_argv("crops", [TERRADAPT, "crops", "worker"])
+    preds = stack.wait_for("crop_predictions", lambda m: {p["acquisition_id"] for p in m} >= ids, timeout_s=300)
+    # at-least-once: a replay may publish a prediction twice, but each series is counted once and stored once
+    assert {p["acquisition_id"] for p in preds} == ids
+    assert set(stack.predictions.list("crops/")) == {prediction_key(s.region, s.id) for s in series}
+    wait_for_counts(stack, {"fr-2": 160, "lv-1": 96})
+    # the shifted country's job, however often its trigger message was replayed, is one job
+    jobs = stack.wait_for("crop_jobs", lambda m: len(m) >= 1, timeout_s=60)
+    assert {(j["region"], j["job_id"]) for j in jobs} == {("lv-1", "crops-lv-1_P000063")}
