@@ -7,7 +7,7 @@ carry both tasks::
                                 parcels together (its current version) -> prediction object -> monitor -> trigger
                                                                => crop-predictions, drift-events, crop-jobs
     run_job(job)                parse -> idempotency / staleness -> read the job's series back -> adapt -> gate
-                                -> publish + alias                                     => model-versions
+                                -> publish + alias                                     => model-versions, rollouts
     process_label(label)        parse -> read the parcel's prediction object -> accuracy window
                                                                => (metrics)
 
@@ -41,7 +41,7 @@ from terradapt.crops.records import SeriesAcquisition
 from terradapt.crops.series import ParcelSeries
 from terradapt.crops.stream_records import CropAdaptationJob, ParcelLabel, ParcelPrediction
 from terradapt.errors import InvalidPayloadError, TerradaptError, UnknownRegionError
-from terradapt.records import DeadLetter, Stage, parse_record
+from terradapt.records import DeadLetter, RolloutEvent, RolloutStep, Stage, parse_record
 
 __all__ = ["CropSteps", "prediction_key"]
 
@@ -239,9 +239,11 @@ class CropSteps:
         done = registry.find_job(job.region, job.job_id)
         if done is not None:
             log.info("crop job %s already published v%s", job.job_id, done.version)
+            out = [Outgoing("model_versions", job.region, done)]
             if current == job.base_version and done.version != current:
                 registry.set_current(job.region, done.version)  # the crash came between publish and alias
-            return Outcome((Outgoing("model_versions", job.region, done),))
+                out.append(self._promoted(job.region, done.version, current, "alias moved on redelivery"))
+            return Outcome(tuple(out))
         if job.base_version != current:
             log.info("crop job %s is stale: base v%s, region serves v%s", job.job_id, job.base_version, current)
             return Outcome()
@@ -269,9 +271,16 @@ class CropSteps:
             self.metrics.observe_adaptation(job.region, result.method, verdict, time.perf_counter() - started)
         if result.version is None:
             return Outcome()
+        promoted = self._promoted(job.region, result.version.version, current, "registry alias (in-process serving)")
+        return Outcome((Outgoing("model_versions", job.region, result.version), promoted))
+
+    def _promoted(self, region: str, version: int, previous: int, detail: str) -> Outgoing:
+        """The rollout event of a version the region now serves (the crop worker reads the alias at its next batch)."""
+        step = RolloutStep.PROMOTED
+        event = RolloutEvent(region=region, version=version, step=step, previous=previous, detail=detail)
         if self.metrics is not None:
-            self.metrics.set_current_version(job.region, result.version.version, current)
-        return Outcome((Outgoing("model_versions", job.region, result.version),))
+            self.metrics.observe_rollout(event)
+        return Outgoing("rollouts", region, event)
 
     # == delayed labels ============================================================================================
     def process_label(self, payload: bytes, key: str | None, state: bytes | None) -> Outcome:

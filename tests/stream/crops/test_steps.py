@@ -28,7 +28,7 @@ from terradapt.crops.records import SeriesAcquisition
 from terradapt.crops.series import ParcelSeries
 from terradapt.crops.stream_records import CropAdaptationJob, ParcelLabel, ParcelPrediction
 from terradapt.crops.synthetic import COUNTRIES, generate_country
-from terradapt.records import DeadLetter, DriftEvent, ModelVersion
+from terradapt.records import DeadLetter, DriftEvent, ModelVersion, RolloutEvent, RolloutStep
 from tests.fakes.crops import SOURCES, source_model, source_parcels
 
 LV = COUNTRIES["lv-1"]
@@ -117,11 +117,15 @@ def test_unshifted_and_shifted_countries_through_the_message_calls(world: World)
     result = world.steps.run_job(job.to_json(), "lv-1")
     (version,) = result.of(ModelVersion)
     assert version.accepted and world.registry.current("lv-1") == version.version == 1
+    (promoted,) = result.of(RolloutEvent)
+    assert (promoted.step, promoted.version, promoted.previous) == (RolloutStep.PROMOTED, 1, 0)
+    assert world.metrics.get_sample_value("terradapt_model_current_version", {"region": "lv-1"}) == 1
     adapted, manifest = world.registry.load("lv-1")
     assert manifest.job_id == job.job_id and -40 <= float(adapted.date_offset) <= -15
     # redelivered: the same version, nothing new; a stale job (base v0, region now v1) does nothing
     again = world.steps.run_job(job.to_json(), "lv-1")
     assert [v.version for v in again.of(ModelVersion)] == [1] and len(world.registry.history("lv-1")) == 1
+    assert not again.of(RolloutEvent)  # the alias had moved: nothing to promote again
     stale = job.model_copy(update={"job_id": "crops-other"})
     assert world.steps.run_job(stale.to_json(), "lv-1") == Outcome()
 

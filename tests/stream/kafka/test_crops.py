@@ -123,6 +123,8 @@ def test_two_countries_one_shifted_end_to_end(stack: Stack, tmp_path: Path) -> N
     # (sets: a redelivered job republishes its version, at-least-once)
     assert {(v["region"], v["version"], v["accepted"]) for v in versions} == {("lv-1", 1, True)}
     assert registry.current("lv-1") == 1 and registry.current("fr-2") == 0
+    rollouts = stack.wait_for("rollouts", lambda m: len(m) >= 1)
+    assert {(r["region"], r["version"], r["step"], r["previous"]) for r in rollouts} == {("lv-1", 1, "promoted", 0)}
     adapted, manifest = registry.load("lv-1")  # sha256-verified
     assert manifest.method == "phenology-bn" and manifest.parent == 0
     assert -40 <= float(adapted.date_offset) <= -15  # lv-1's season runs 32 days late
