@@ -21,6 +21,7 @@ from stream.crops.bootstrap import publish_series
 from stream.crops.demo import FR2
 from stream.crops.steps import prediction_key
 from stream.kafka.worker import unpack_state
+from terradapt.crops.breizhcrops import write_breizhcrops
 from terradapt.crops.checkpoint import CropManifest, save_crop
 from terradapt.crops.records import SeriesAcquisition
 from terradapt.crops.series import S2_BANDS, ParcelSeries, encode_series
@@ -202,3 +203,26 @@ def test_crop_worker_sigkill_mid_stream_loses_nothing_and_counts_once(stack: Sta
     # the shifted country's job, however often its trigger message was replayed, is one job
     jobs = stack.wait_for("crop_jobs", lambda m: len(m) >= 1, timeout_s=60)
     assert {(j["region"], j["job_id"]) for j in jobs} == {("lv-1", "crops-lv-1_P000063")}
+
+
+def test_crops_init_reads_held_out_parcels_in_the_breizhcrops_layout(tmp_path: Path) -> None:
+    """`terradapt crops init --calibration` on a BreizhCrops-layout folder (parcel means: one pixel per date)."""
+    stack = Stack(tmp_path / "stack")
+    try:
+        model_dir, _ = crop_source(tmp_path)
+        layout = tmp_path / "breizhcrops"
+        for n, region in enumerate(SOURCES, start=1):
+            write_breizhcrops(layout, f"frh0{n}", generate_country(COUNTRIES[region], 40, seed=4), CROP_CLASSES)
+        init = subprocess.run(
+            [TERRADAPT, "crops", "init", "--model", str(model_dir), "--calibration", str(layout)],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert init.returncode == 0, init.stdout + init.stderr
+        assert "calibrated on 80 parcels" in " ".join(init.stdout.split())
+        vectors = CropRegistry(stack.models).calibration()  # sha256- and source-weights-checked
+        assert {name: v.shape[0] for name, v in vectors.items()} == dict.fromkeys(vectors, 80)
+    finally:
+        stack.stop_all()
