@@ -104,14 +104,13 @@ def init(
     from serving.minio_store import MinioStore, minio_client
     from stream.config import Settings
     from stream.crops.bootstrap import init_crop_registry, read_series_files
-    from terradapt.checkpoint import MANIFEST_FILE, WEIGHTS_FILE
+    from terradapt.checkpoint import WEIGHTS_FILE
     from terradapt.crops.breizhcrops import BreizhCropsDataset
-    from terradapt.crops.checkpoint import CropManifest, load_crop
+    from terradapt.crops.checkpoint import load_crop
 
     settings = _settings(config)
     assert isinstance(settings, Settings)
-    load_crop(model)  # verified (sha256, architecture) before anything is published
-    manifest = CropManifest.model_validate_json((model / MANIFEST_FILE).read_bytes())
+    _, manifest = load_crop(model)  # verified (sha256, architecture) before anything is published
     if (calibration / "classmapping.csv").exists():
         ds = BreizhCropsDataset(calibration)
         parcels = [ds.load(r, p) for r in ds.regions() for p in ds.parcel_ids(r)]

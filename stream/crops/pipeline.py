@@ -110,9 +110,9 @@ class CropPipeline:
         self.registry = registry
         self.reader = reader
         self.gate = CropGate(config.gate)
-        self._source, self._source_manifest = registry.load("source", 0)
+        self._source, self.source_manifest = registry.load("source", 0)
         self._models: dict[str, tuple[int, CropModel]] = {}  # region -> its current version (one per region)
-        self.spec = SeriesSpec(bands=self._source_manifest.bands, max_nan_share=config.max_nan_share)
+        self.spec = SeriesSpec(bands=self.source_manifest.bands, max_nan_share=config.max_nan_share)
 
     # -- read ------------------------------------------------------------------------------------------------
     def read(self, item: SeriesAcquisition | ParcelSeries) -> ParcelSeries | DeadLetter:
@@ -192,7 +192,7 @@ class CropPipeline:
         start = time.perf_counter()
         base_version, current = self.model(region)
         adapt_on, judge_on = list(buffer[: -cfg.gate_parcels]), list(buffer[-cfg.gate_parcels :])
-        prior = self._source_manifest.class_prior
+        prior = self.source_manifest.class_prior
         adapter = create_crop_adapter(
             cfg.method,
             self._source,
@@ -206,7 +206,7 @@ class CropPipeline:
         result = self.gate.check(candidate, current, batches)
         published: ModelVersion | None = None
         if result.accepted:
-            weights, manifest_json = encode_crop(candidate, self._source_manifest)
+            weights, manifest_json = encode_crop(candidate, self.source_manifest)
             manifest = CropManifest.model_validate_json(manifest_json).model_copy(
                 update={
                     "region": region,

@@ -101,7 +101,8 @@ class CropSteps:
         self.config = cfg
         self.trigger = Trigger(cfg.trigger)
         self._template = calibrated_monitor(cfg.monitor, self.calibration, seed=cfg.seed)
-        self.classes = self.pipeline.registry.manifest("source", 0).classes
+        self.classes = self.pipeline.source_manifest.classes  # read once, with the source model
+        self._observer = None if self.metrics is None else MetricsObserver(self.metrics)
 
     def new_monitor(self) -> SeriesMonitor:
         """A calibrated series monitor with an empty stream (a region seen for the first time)."""
@@ -304,8 +305,8 @@ class CropSteps:
         cell = np.array([[prediction.predicted]], dtype=np.int64)
         tracker.record_prediction(label.acquisition_id, label.region, prediction.model_version, class_map=cell)
         join = tracker.add_label(label.acquisition_id, np.array([[label.label]], dtype=np.int64))
-        if self.metrics is not None:
-            MetricsObserver(self.metrics).labelled(label.region, join)
+        if self._observer is not None:
+            self._observer.labelled(label.region, join)
         return Outcome((), compact_json(tracker.state_dict()))
 
     def _check_region(self, region: str, key: str | None) -> None:

@@ -54,6 +54,19 @@ def crop_source(root: Path) -> tuple[Path, Path]:
     return model_dir, calibration
 
 
+def crops_init(stack: Stack, model_dir: Path, calibration: Path, *, parcels: int) -> None:
+    """`terradapt crops init` as a user runs it; it must report calibrating on ``parcels`` parcels."""
+    init = subprocess.run(
+        [TERRADAPT, "crops", "init", "--model", str(model_dir), "--calibration", str(calibration)],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert init.returncode == 0, init.stdout + init.stderr
+    assert f"calibrated on {parcels} parcels" in " ".join(init.stdout.split())  # rich wraps at the terminal width
+
+
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     """An isolated stack whose models bucket holds the source crop model and its calibration (`crops init`)."""
@@ -62,15 +75,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     stack.root.mkdir(parents=True, exist_ok=True)
     try:
         model_dir, calibration = crop_source(tmp_path)
-        init = subprocess.run(
-            [TERRADAPT, "crops", "init", "--model", str(model_dir), "--calibration", str(calibration)],
-            env=stack.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert init.returncode == 0, init.stdout + init.stderr
-        assert "calibrated on 128 parcels" in " ".join(init.stdout.split())  # rich wraps at the terminal width
+        crops_init(stack, model_dir, calibration, parcels=128)
         yield stack
     finally:
         stack.stop_all()
@@ -213,15 +218,7 @@ def test_crops_init_reads_held_out_parcels_in_the_breizhcrops_layout(tmp_path: P
         layout = tmp_path / "breizhcrops"
         for n, region in enumerate(SOURCES, start=1):
             write_breizhcrops(layout, f"frh0{n}", generate_country(COUNTRIES[region], 40, seed=4), CROP_CLASSES)
-        init = subprocess.run(
-            [TERRADAPT, "crops", "init", "--model", str(model_dir), "--calibration", str(layout)],
-            env=stack.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert init.returncode == 0, init.stdout + init.stderr
-        assert "calibrated on 80 parcels" in " ".join(init.stdout.split())
+        crops_init(stack, model_dir, layout, parcels=80)
         vectors = CropRegistry(stack.models).calibration()  # sha256- and source-weights-checked
         assert {name: v.shape[0] for name, v in vectors.items()} == dict.fromkeys(vectors, 80)
     finally:
